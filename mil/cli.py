@@ -1,0 +1,80 @@
+"""The `mil` command. Each subcommand lives in its own module with `add_arguments(parser)` and `run(args)`;
+only the module of the command being run is imported, so `mil --help` is instant and a broken
+optional dependency breaks one command, not all of them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from mil import __version__
+from mil.errors import MilError
+
+# command -> (module, one-line help). Add a command by adding a row and writing the module.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("mil.synth.command", "write a synthetic bone-marrow cohort in the Zenodo layout"),
+    "cells": ("mil.readers.command", "read a dataset (zenodo, idc, coco, yolo, voc, imagefolder, ...) into a cell table"),
+    "encoders": ("features.commands.encoders", "list the registered encoders with dim, input size and weights"),
+    "extract": ("features.commands.extract", "embed every cell into one HDF5 bag per patient (cached, resumable)"),
+    "verify": ("features.commands.verify", "check every bag of a directory; non-zero exit when any is invalid"),
+    "compare": ("mil.compare.command", "train and compare count-based and attention-MIL heads on the same splits"),
+    "heads": ("mil.heads.command", "list the registered diagnosis heads"),
+    "train-classifier": ("mil.classifier.command_train", "train the cell-type classifier on a cell table"),
+    "classify": ("mil.classifier.command_classify", "write predicted labels and probabilities into a cell table"),
+    "train-detector": ("mil.detector.command_train", "train the Faster R-CNN cell detector"),
+    "detect": ("mil.detector.command_detect", "detect cells on images and write a cell table"),
+    "attention": ("mil.attention.command", "attention galleries, overlays, faithfulness and an HTML report"),
+    "demo": ("mil.demo", "the whole pipeline on the built-in synthetic cohort"),
+}
+
+
+def _quiet_defaults() -> None:
+    # No hub, no login prompt: the framework is offline-first.
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<17} {text}" for name, (_, text) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="mil",
+        description="Leukemia cytology MIL: cells -> bags -> diagnosis heads -> attention.",
+        epilog=f"commands:\n{lines}\n\n`mil COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("command", nargs="?", help="one of the commands below")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_defaults()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0].startswith("-"):
+        top.parse_args(argv)
+        top.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        top.error(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
+    module_name, text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"mil {name}", description=text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        code = module.run(args)
+    except MilError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
