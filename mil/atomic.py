@@ -26,9 +26,7 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(
-    final: str | os.PathLike, validate: Callable[[Path], None] | None = None
-) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike, validate: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success validate it, fsync and rename it over `final`.
 
     The caller writes and *closes* the temporary file inside the `with` block. `validate(path)` raises

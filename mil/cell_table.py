@@ -19,7 +19,19 @@ import numpy as np
 from mil.atomic import atomic_path
 from mil.errors import InputError, listing
 
-CELL_COLUMNS = ("cell_id", "patient_id", "image_path", "x0", "y0", "x1", "y1", "label", "raw_label", "det_score", "source")
+CELL_COLUMNS = (
+    "cell_id",
+    "patient_id",
+    "image_path",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "label",
+    "raw_label",
+    "det_score",
+    "source",
+)
 REQUIRED_CELL_COLUMNS = ("patient_id", "image_path", "x0", "y0", "x1", "y1")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 PATIENT_COLUMNS = ("patient_id", "diagnosis")
@@ -31,11 +43,11 @@ def unsafe_patient_id_reason(pid: str) -> str | None:
         return "is empty"
     if pid != pid.strip():
         return "has leading or trailing spaces"
-    if pid in (".", "..") or pid.startswith("."):
-        return "starts with '.' (it would name a hidden or parent folder)"
     for ch in ("/", "\\", "\x00"):
         if ch in pid:
             return f"contains {ch!r} (a path separator would let it escape the output folder)"
+    if pid.startswith("."):
+        return "starts with '.' (it would name a hidden or parent folder)"
     if any(ord(c) < 32 for c in pid):
         return "contains a control character"
     return None

@@ -15,7 +15,10 @@ from mil.errors import MilError
 # command -> (module, one-line help). Add a command by adding a row and writing the module.
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mil.synth.command", "write a synthetic bone-marrow cohort in the Zenodo layout"),
-    "cells": ("mil.readers.command", "read a dataset (zenodo, idc, coco, yolo, voc, imagefolder, ...) into a cell table"),
+    "cells": (
+        "mil.readers.command",
+        "read a dataset (zenodo, idc, coco, yolo, voc, imagefolder, ...) into a cell table",
+    ),
     "encoders": ("features.commands.encoders", "list the registered encoders with dim, input size and weights"),
     "extract": ("features.commands.extract", "embed every cell into one HDF5 bag per patient (cached, resumable)"),
     "verify": ("features.commands.verify", "check every bag of a directory; non-zero exit when any is invalid"),
