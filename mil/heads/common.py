@@ -1,0 +1,110 @@
+"""Pieces every attention-MIL head shares: the empty-bag check, masked softmax, the cell projection,
+gated attention scoring and the base class that fixes the head contract.
+
+Contract (PRODUCT.md 2.4): ``forward(x (B,N,D), mask (B,N) bool True=real cell) -> logits (B,C)``;
+``attention(x, mask) -> (B,N)`` for single-branch heads or ``(B,C,N)`` for multi-branch heads,
+zero on padding and summing to 1 over the real cells of each bag. Padding never changes an output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mil.errors import MilError
+
+
+class EmptyBagError(MilError):
+    """A bag with no real cell reached a head: its attention and prediction would be NaN."""
+
+
+def check_batch(x: torch.Tensor, mask: torch.Tensor, *, in_dim: int) -> torch.Tensor:
+    """Validate a padded batch and return the mask as bool; an all-masked bag raises EmptyBagError."""
+    if x.dim() != 3:
+        raise ValueError(f"expected cell features of shape (B, N, D), got {tuple(x.shape)}")
+    if x.shape[-1] != in_dim:
+        raise ValueError(
+            f"the bags have {x.shape[-1]} features per cell but the head was built for in_dim={in_dim}; "
+            "build the head with in_dim taken from the bag directory (BagDirectory.feature_dim)"
+        )
+    if mask is None or tuple(mask.shape) != tuple(x.shape[:2]):
+        got = None if mask is None else tuple(mask.shape)
+        raise ValueError(f"expected a mask of shape {tuple(x.shape[:2])} (True = real cell), got {got}")
+    mask = mask.bool()
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise EmptyBagError(
+            f"bag(s) at batch position {empty} have no real cell (all masked); "
+            "drop patients without cells before training (an empty bag has no attention and no prediction)"
+        )
+    return mask
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis (cells) with padding set to exactly 0.
+
+    ``scores`` (..., N), ``mask`` broadcastable to it. Callers check for empty bags first, so every
+    row has a finite entry and the result never holds NaN.
+    """
+    filled = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(filled, dim=-1).masked_fill(~mask, 0.0)
+
+
+class CellProjection(nn.Sequential):
+    """Per-cell Linear -> ReLU -> Dropout from the bag's feature width to the head's hidden width."""
+
+    def __init__(self, *, in_dim: int, hidden_dim: int, dropout: float) -> None:
+        super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+
+
+class GatedAttention(nn.Module):
+    """Gated attention scores (Ilse et al. 2018): ``w^T (tanh(V h) * sigmoid(U h))`` per branch.
+
+    The score layer has no bias: a constant added before a softmax changes nothing, so a bias would
+    be a parameter that never learns.
+    """
+
+    def __init__(self, *, hidden_dim: int, attention_dim: int, branches: int, dropout: float) -> None:
+        super().__init__()
+        self.tanh_branch = nn.Linear(hidden_dim, attention_dim)
+        self.gate_branch = nn.Linear(hidden_dim, attention_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.score = nn.Linear(attention_dim, branches, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gated = torch.tanh(self.tanh_branch(h)) * torch.sigmoid(self.gate_branch(h))  # (B, N, A)
+        return self.score(self.dropout(gated))  # (B, N, K) raw scores, K branches
+
+
+class MilHead(nn.Module):
+    """Base class: subclasses implement ``_forward(x, mask) -> (logits, attention)`` on a checked batch.
+
+    ``multi_branch`` says whether attention is (B,N) or (B,C,N); ``attention_meaning`` documents what
+    the weights are for the report (e.g. "uniform" for mean pooling).
+    """
+
+    multi_branch: bool = False
+    attention_meaning: str = "softmax attention weight of the cell"
+
+    def __init__(self, *, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        if in_dim < 1 or num_classes < 1:
+            raise ValueError(f"in_dim and num_classes must be >= 1, got in_dim={in_dim}, num_classes={num_classes}")
+        self.in_dim = in_dim
+        self.num_classes = num_classes
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward_with_attention(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B,C) and attention (B,N) or (B,C,N) from one pass."""
+        mask = check_batch(x, mask, in_dim=self.in_dim)
+        # Zero the padding first: attention 0 times a NaN or inf padding value would still be NaN.
+        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return self._forward(x, mask)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_attention(x, mask)[0]
+
+    def attention(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_attention(x, mask)[1]

@@ -1,0 +1,57 @@
+"""Mean and max pooling baselines: no learned attention, but the same contract as the attention heads.
+
+On small cohorts mean pooling with a linear classifier is the baseline attention-MIL must beat
+(PRODUCT.md 2.4). Their "attention" says how much each cell contributes to the pooled embedding:
+- mean: uniform, 1/n for each of the n real cells;
+- max: the share of the hidden dimensions in which the cell holds the maximum (a cell that wins every
+  dimension gets 1). Ties within a dimension are split evenly, so the weights always sum to 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import einsum, rearrange
+from torch import nn
+
+from mil.heads.common import CellProjection, MilHead
+from mil.heads.registry import register_head
+
+
+@register_head("mean")
+class MeanPool(MilHead):
+    multi_branch = False
+    attention_meaning = "uniform weight 1/n (mean pooling)"
+
+    def __init__(self, *, in_dim: int, num_classes: int, hidden_dim: int = 128, dropout: float = 0.25) -> None:
+        super().__init__(in_dim=in_dim, num_classes=num_classes)
+        self.project = CellProjection(in_dim=in_dim, hidden_dim=hidden_dim, dropout=dropout)
+        self.classifier = nn.Linear(hidden_dim, num_classes)
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.project(x)  # (B, N, H)
+        real = mask.to(h.dtype)  # (B, N)
+        weights = real / real.sum(dim=1, keepdim=True)  # (B, N) uniform over real cells
+        pooled = einsum(weights, h, "b n, b n h -> b h")  # (B, H)
+        return self.classifier(pooled), weights  # (B, C), (B, N)
+
+
+@register_head("max")
+class MaxPool(MilHead):
+    multi_branch = False
+    attention_meaning = "share of hidden dimensions where the cell is the maximum (max pooling)"
+
+    def __init__(self, *, in_dim: int, num_classes: int, hidden_dim: int = 128, dropout: float = 0.25) -> None:
+        super().__init__(in_dim=in_dim, num_classes=num_classes)
+        self.project = CellProjection(in_dim=in_dim, hidden_dim=hidden_dim, dropout=dropout)
+        self.classifier = nn.Linear(hidden_dim, num_classes)
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.project(x)  # (B, N, H)
+        real = rearrange(mask, "b n -> b n 1")  # (B, N, 1)
+        h = h.masked_fill(~real, float("-inf"))  # (B, N, H) padding can never be the maximum
+        pooled = h.amax(dim=1)  # (B, H)
+        winners = (h == rearrange(pooled, "b h -> b 1 h")) & real  # (B, N, H) argmax cells per dimension
+        winners = winners.to(pooled.dtype)
+        per_dim = winners / winners.sum(dim=1, keepdim=True)  # (B, N, H) ties split evenly
+        weights = per_dim.mean(dim=2)  # (B, N) sums to 1 over real cells
+        return self.classifier(pooled), weights  # (B, C), (B, N)
