@@ -1,0 +1,1 @@
+"""`mil` subcommands of the features stage (each module: add_arguments(parser) and run(args))."""

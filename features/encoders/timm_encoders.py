@@ -1,0 +1,205 @@
+"""Any timm architecture as an encoder: ARCH.random, ARCH.file (weights=PATH), ARCH.hf (local HF cache).
+
+The model is built with num_classes=0, so forward returns timm's pooled pre-logit embedding. Input
+size, mean, std and interpolation come from timm's pretrained cfg (resolve_model_data_config) unless
+`input_size` overrides the side; they go into the EncoderConfig, from which preprocessing is derived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from features.encoders.weights import load_into, load_state_dict_file, sha256_file
+from features.registry import Encoder, EncoderConfig, register_encoder
+from mil.errors import ConfigError
+
+TIMM_INTERPOLATIONS = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
+
+
+class TimmEncoder(Encoder):
+    """A timm model with its classifier removed: (B,3,S,S) normalised -> (B, embed_dim)."""
+
+    def __init__(self, *, model: torch.nn.Module, config: EncoderConfig) -> None:
+        super().__init__(config=config)
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)  # (B,3,S,S) -> (B,D)
+
+
+def name_seed(name: str) -> int:
+    """A stable seed per encoder name (Python's hash() is salted per process, sha256 is not)."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def check_arch(arch: str) -> None:
+    import timm
+
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch[:6]}*")[:8] if len(arch) >= 3 else []
+        hint = f" Similar timm architectures: {', '.join(close)}." if close else ""
+        raise ConfigError(
+            f'{arch!r} is not a timm architecture.{hint} `python -c "import timm; print(timm.list_models())"` '
+            f"lists them all; the project's own entries are shown by `mil encoders`"
+        )
+
+
+def build_timm_model(arch: str, *, input_size: int | None, **kwargs: Any) -> torch.nn.Module:
+    """timm.create_model(num_classes=0), at `input_size` for architectures with a fixed input (ViTs)."""
+    import timm
+
+    check_arch(arch)
+    model = timm.create_model(arch, num_classes=0, **kwargs)
+    fixed = bool(getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False))
+    if input_size is not None and fixed:
+        # Position embeddings are sized for one image side; rebuild at the requested side instead.
+        model = timm.create_model(arch, num_classes=0, img_size=input_size, **kwargs)
+    return model
+
+
+def embed_dim_of(model: torch.nn.Module) -> int:
+    """Width of the pooled output: head_hidden_size when the head has a pre-logits layer, else num_features."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def timm_config(
+    model: torch.nn.Module,
+    *,
+    name: str,
+    arch: str,
+    tag: str,
+    input_size: int | None,
+    weights_source: str,
+    weights_sha256: str | None,
+    extra: dict[str, Any] | None = None,
+) -> EncoderConfig:
+    from timm.data import resolve_model_data_config
+
+    data = resolve_model_data_config(model)
+    side = int(input_size if input_size is not None else data["input_size"][-1])
+    interpolation = TIMM_INTERPOLATIONS.get(str(data.get("interpolation", "bilinear")), "bilinear")
+    return EncoderConfig(
+        name=name,
+        arch=arch,
+        tag=tag,
+        input_size=side,
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+        interpolation=interpolation,
+        embed_dim=embed_dim_of(model),
+        weights_source=weights_source,
+        weights_sha256=weights_sha256,
+        extra=dict(extra or {}),
+    )
+
+
+def classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the classifier that num_classes=0 removed (e.g. 'fc.', 'head.')."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier", ())
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f"{n}." for n in names) + ("fc.", "head.", "classifier.", "head.fc.")
+
+
+@register_encoder(
+    "ARCH.random",
+    description="any timm architecture, random init seeded from the name (a baseline and for tests)",
+    weights_source="random init",
+)
+def random_timm(arch: str, tag: str, *, weights: str | None, input_size: int | None) -> TimmEncoder:
+    if weights is not None:
+        raise ConfigError(f"{arch}.random takes no weights; to load {weights} use {arch}.file")
+    name = f"{arch}.{tag}"
+    seed = name_seed(name)
+    # fork_rng keeps the caller's global RNG untouched; the seed makes two calls give identical weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_timm_model(arch, input_size=input_size)
+    config = timm_config(
+        model,
+        name=name,
+        arch=arch,
+        tag=tag,
+        input_size=input_size,
+        weights_source=f"random(seed={seed})",
+        weights_sha256=None,
+    )
+    return TimmEncoder(model=model, config=config)
+
+
+@register_encoder(
+    "ARCH.file",
+    description="any timm architecture with a local state dict (--weights PATH: .pth/.pt or .safetensors)",
+    needs_weights=True,
+    weights_source="--weights PATH",
+)
+def file_timm(arch: str, tag: str, *, weights: str | None, input_size: int | None) -> TimmEncoder:
+    assert weights is not None  # create_encoder enforces it (needs_weights=True)
+    state, sha = load_state_dict_file(weights)
+    model = build_timm_model(arch, input_size=input_size)
+    load_into(model, state, path=weights, ignore_prefixes=classifier_prefixes(model))
+    config = timm_config(
+        model,
+        name=f"{arch}.{tag}",
+        arch=arch,
+        tag=tag,
+        input_size=input_size,
+        weights_source=str(Path(weights).resolve()),
+        weights_sha256=sha,
+    )
+    return TimmEncoder(model=model, config=config)
+
+
+def _cached_hf_file(hf_hub_id: str, cache_dir: str | None) -> Path | None:
+    """Path of timm's weight file for `hf_hub_id` in the local HF cache, without touching the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, _, revision = hf_hub_id.partition("@")
+    for filename in ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
+                     "pytorch_model.bin"):  # fmt: skip
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision or None)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+@register_encoder(
+    "ARCH.hf",
+    description="any timm architecture with its default pretrained weights from the local Hugging Face cache",
+    weights_source="HF cache (offline)",
+)
+def hf_timm(arch: str, tag: str, *, weights: str | None, input_size: int | None) -> TimmEncoder:
+    """Pretrained timm weights, offline only; `weights` may name a HF cache folder other than the default."""
+    import timm
+
+    check_arch(arch)
+    # Never reach for the network: a missing file must fail fast with instructions, not hang on a socket.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    cfg = timm.models.get_pretrained_cfg(arch)
+    hf_hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    cached = _cached_hf_file(hf_hub_id, weights) if hf_hub_id else None
+    if cached is None:
+        where = weights or "the default Hugging Face cache (HF_HUB_CACHE / ~/.cache/huggingface/hub)"
+        raise ConfigError(
+            f"no pretrained weights for {arch!r} (hub id {hf_hub_id or 'none'}) in {where}, and the hub is offline. "
+            f"Either pass a local state dict with `--encoder {arch}.file --weights PATH`, or pre-populate the "
+            f"cache on a machine with network access (`huggingface-cli download {hf_hub_id or 'timm/' + arch}`) "
+            f"and copy it here"
+        )
+    model = timm.create_model(arch, pretrained=True, num_classes=0, cache_dir=weights)
+    if input_size is not None and model.pretrained_cfg.get("fixed_input_size", False):
+        model = timm.create_model(arch, pretrained=True, num_classes=0, cache_dir=weights, img_size=input_size)
+    config = timm_config(
+        model,
+        name=f"{arch}.{tag}",
+        arch=arch,
+        tag=tag,
+        input_size=input_size,
+        weights_source=f"hf-cache:{hf_hub_id}",
+        weights_sha256=sha256_file(cached),
+    )
+    return TimmEncoder(model=model, config=config)
