@@ -81,7 +81,9 @@ def test_report_pages_figures_and_escaping(tmp_path):
     multi.attention = np.stack([multi.attention, multi.attention[::-1]]) / 2
     multi.branch_names = ["ALL", "AML"]
     patients.append(multi)
-    summary = build_report(patients, tmp_path / "report", head="abmil", predict=lambda pid, f: _saturating_predict(f), top_k=4)
+    summary = build_report(
+        patients, tmp_path / "report", head="abmil", predict=lambda pid, f: _saturating_predict(f), top_k=4
+    )
     index = (tmp_path / "report" / "index.html").read_text()
     assert evil not in index and "&lt;script&gt;alert(1)&lt;/script&gt;" in index
     pages = sorted((tmp_path / "report" / "patients").glob("*.html"))
@@ -98,3 +100,32 @@ def test_report_pages_figures_and_escaping(tmp_path):
     assert summary["deletion_area"] > 0
     saved = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert saved["patients"] == 3 and "mass_by_type" in saved
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    """Open index.html and a patient page: every image loads, no console error, a screenshot is saved."""
+    from browser import open_browser
+
+    patients = [
+        _patient(tmp_path, "<script>alert('x')</script>", "AML", seed=5),
+        _patient(tmp_path, "p2", "ALL", seed=6),
+    ]
+    build_report(patients, tmp_path / "report", head="abmil", predict=lambda pid, f: _saturating_predict(f), top_k=4)
+    browser = open_browser(tmp_path)
+    try:
+        pages = [tmp_path / "report" / "index.html", *sorted((tmp_path / "report" / "patients").glob("*.html"))]
+        for page in pages:
+            browser.get(page.as_uri())
+            n_images, broken = browser.execute_script(
+                "const imgs = Array.from(document.images);"
+                "return [imgs.length, imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)];"
+            )
+            assert n_images > 0 and broken == [], f"{page.name}: broken images {broken}"
+            errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+            assert errors == [], f"{page.name}: console errors {errors}"
+            assert browser.execute_script("return window.__xss === undefined")
+            shot = tmp_path / f"{page.stem}.png"
+            assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        assert "<script>alert('x')</script>" in browser.find_element("tag name", "h1").text
+    finally:
+        browser.quit()
