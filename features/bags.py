@@ -292,12 +292,13 @@ def read_bag(path: str | Path) -> Bag:
 
 
 def read_bag_header(path: str | Path) -> dict:
-    """A bag's attributes plus num_cells and feature_dim, without reading the arrays."""
+    """A bag's attributes plus num_cells, feature_dim and features_dtype, without reading the arrays."""
     import h5py
 
     with h5py.File(path, "r") as f:
         attrs = _decode_attrs(f.attrs)
         attrs["num_cells"], attrs["feature_dim"] = (int(s) for s in f["features"].shape)
+        attrs["features_dtype"] = str(f["features"].dtype)
     return attrs
 
 

@@ -1,0 +1,113 @@
+"""Cell crops for extraction: decode each field image once, cut every cell box of it, transform the crops.
+
+A `FieldCrops` item is one field image with all of its cells, so a DataLoader worker decodes the image
+once however many cells it holds. A cell whose image cannot be decoded or whose box does not fit is
+skipped with a reason (recorded in the bag and the run report, never silently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """The cells of one patient that lie on one field image."""
+
+    patient_index: int  # position of the patient in the run's work list
+    image_index: int  # index into that patient's image_paths
+    image_path: str
+    rows: tuple[int, ...]  # positions of the cells in the patient's rows
+    boxes: np.ndarray  # (n, 4) int x0 y0 x1 y1
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """Decode an image fully (a truncated file fails here, not later) as uint8 (H, W, 3) RGB."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return np.asarray(im.convert("RGB"))
+
+
+def context_box(box: np.ndarray, context: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """Grow a box by `context` times its size on each side (surroundings help cell typing), clipped to the image."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if context > 0:
+        dx, dy = round((x1 - x0) * context), round((y1 - y0) * context)
+        x0, y0, x1, y1 = x0 - dx, y0 - dy, x1 + dx, y1 + dy
+    return max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+
+
+def box_problem(box: np.ndarray, width: int, height: int) -> str | None:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if x1 <= x0 or y1 <= y0:
+        return f"box ({x0},{y0},{x1},{y1}) has zero or negative area; fix the box in the cell table"
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        return f"box ({x0},{y0},{x1},{y1}) lies outside the {width}x{height} image; clip or fix the box"
+    return None
+
+
+class FieldCrops(Dataset):
+    """Item i: the transformed crops of every cell on field image i (one decode per image).
+
+    Returns a dict with `job` (index into jobs), `crops` (n_ok, 3, S, S), `rows` (n_ok,) positions in the
+    patient's rows of the crops, and `skipped` [(row, reason)].
+    """
+
+    def __init__(
+        self,
+        *,
+        jobs: list[ImageJob],
+        transform: Callable[[np.ndarray], torch.Tensor],
+        context: float = 0.0,
+        out_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.jobs = jobs
+        self.transform = transform
+        self.context = context
+        self.out_dtype = out_dtype
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> dict:
+        job = self.jobs[i]
+        skipped: list[tuple[int, str]] = []
+        try:
+            image = load_rgb(job.image_path)
+        except Exception as e:  # PIL raises many types for a broken or missing file
+            reason = f"image {job.image_path} cannot be read ({type(e).__name__}: {e}); replace the file"
+            return {
+                "job": i,
+                "crops": None,
+                "rows": np.zeros(0, dtype=np.int64),
+                "skipped": [(r, reason) for r in job.rows],
+            }
+        height, width = image.shape[:2]
+        crops, rows = [], []
+        for row, box in zip(job.rows, job.boxes):
+            problem = box_problem(box, width, height)
+            if problem:
+                skipped.append((row, problem))
+                continue
+            x0, y0, x1, y1 = context_box(box, self.context, width, height)
+            crops.append(self.transform(image[y0:y1, x0:x1]))  # (3, S, S)
+            rows.append(row)
+        stacked = torch.stack(crops).to(self.out_dtype) if crops else None  # (n_ok, 3, S, S)
+        return {"job": i, "crops": stacked, "rows": np.asarray(rows, dtype=np.int64), "skipped": skipped}
+
+
+def keep_item(item: dict) -> dict:
+    """DataLoader collate for batch_size=None: keep the item as it is (a module-level function pickles)."""
+    return item
+
+
+def worker_init(_: int) -> None:
+    # Workers share the CPU with the encoder: one thread each, or they oversubscribe the cores.
+    torch.set_num_threads(1)
