@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mil.protocol.metrics import SCALAR_METRICS, classification_metrics
+from mil.protocol.metrics import SCALAR_METRICS, classification_metrics, confusion_matrix, scores_from_confusion
 
 PER_CLASS_METRICS = ("sensitivity", "specificity")
+CONFUSION_METRICS = ("macro_f1", "balanced_accuracy", "accuracy")
 
 
 @dataclass
@@ -72,8 +73,9 @@ def _resamples(n_patients: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n_patients, size=(n_boot, n_patients))
 
 
-def bootstrap_metrics(y_true: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
-                      seed: int = 0, n_bins: int = 10) -> BootstrapResult:  # fmt: skip
+def bootstrap_metrics(
+    y_true: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0, n_bins: int = 10
+) -> BootstrapResult:
     """Percentile bootstrap CIs of every protocol metric, resampling patients with a seeded generator."""
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = _as_seeds(probs)
@@ -94,9 +96,18 @@ def bootstrap_metrics(y_true: np.ndarray, probs: np.ndarray, *, n_boot: int = 10
     return BootstrapResult(point=point, lo=lo, hi=hi, confusion=confusion, n_boot=n_boot, level=level)
 
 
-def paired_bootstrap(y_true: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, *, head_a: str = "a",
-                     head_b: str = "b", metric: str = "macro_f1", n_boot: int = 1000, level: float = 0.95,
-                     seed: int = 0) -> PairedResult:  # fmt: skip
+def paired_bootstrap(
+    y_true: np.ndarray,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    *,
+    head_a: str = "a",
+    head_b: str = "b",
+    metric: str = "macro_f1",
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> PairedResult:
     """Paired bootstrap of metric(a) - metric(b): both heads are scored on the same resampled patients.
 
     The p-value is two-sided: twice the share of replicates on the far side of 0 (with the +1 correction so it
@@ -107,9 +118,20 @@ def paired_bootstrap(y_true: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarra
     if probs_a.shape != probs_b.shape:
         raise ValueError(f"paired test needs predictions of the same patients: {probs_a.shape} vs {probs_b.shape}")
     full = np.arange(len(y_true))
+    if metric in CONFUSION_METRICS:  # fast path: argmax once, a bincount per replicate
+        num_classes = probs_a.shape[-1]
+        pred_a, pred_b = probs_a.argmax(axis=-1), probs_b.argmax(axis=-1)  # (S, P)
 
-    def diff(idx: np.ndarray) -> float:
-        return float(_seed_mean(y_true, probs_a, idx, 10)[metric] - _seed_mean(y_true, probs_b, idx, 10)[metric])
+        def score(pred: np.ndarray, idx: np.ndarray) -> float:
+            per_seed = [scores_from_confusion(confusion_matrix(y_true[idx], p[idx], num_classes))[metric] for p in pred]
+            return float(np.mean(per_seed))
+
+        def diff(idx: np.ndarray) -> float:
+            return score(pred_a, idx) - score(pred_b, idx)
+    else:
+
+        def diff(idx: np.ndarray) -> float:
+            return float(_seed_mean(y_true, probs_a, idx, 10)[metric] - _seed_mean(y_true, probs_b, idx, 10)[metric])
 
     point = diff(full)
     reps = np.array([diff(idx) for idx in _resamples(len(y_true), n_boot, seed)])
@@ -118,5 +140,6 @@ def paired_bootstrap(y_true: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarra
     below = (np.sum(reps <= 0) + 1) / (len(reps) + 1)
     above = (np.sum(reps >= 0) + 1) / (len(reps) + 1)
     p = float(min(1.0, 2 * min(below, above)))
-    return PairedResult(head_a=head_a, head_b=head_b, metric=metric, diff=point, lo=float(lo), hi=float(hi),
-                        p_value=p, n_boot=n_boot)  # fmt: skip
+    return PairedResult(
+        head_a=head_a, head_b=head_b, metric=metric, diff=point, lo=float(lo), hi=float(hi), p_value=p, n_boot=n_boot
+    )

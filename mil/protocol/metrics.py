@@ -23,7 +23,7 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
 
 
-def _scores_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray | float]:
+def scores_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray | float]:
     tp = np.diag(cm).astype(float)
     support = cm.sum(axis=1).astype(float)
     predicted = cm.sum(axis=0).astype(float)
@@ -91,7 +91,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, *, n_bins: int
         raise ValueError(f"probs must be (patients, classes) matching y_true; got {probs.shape} and {y_true.shape}")
     num_classes = probs.shape[1]
     cm = confusion_matrix(y_true, probs.argmax(axis=1), num_classes)
-    out = _scores_from_confusion(cm)
+    out = scores_from_confusion(cm)
     per_class_auc = auroc_ovr(y_true, probs)
     out["auroc_per_class"] = per_class_auc
     out["auroc"] = float(np.nanmean(per_class_auc)) if np.isfinite(per_class_auc).any() else float("nan")

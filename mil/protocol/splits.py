@@ -37,8 +37,13 @@ class FoldSplit:
         return f"seed{self.seed}_fold{self.fold}"
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "fold": self.fold, "train": list(self.train), "val": list(self.val),
-                "test": list(self.test)}  # fmt: skip
+        return {
+            "seed": self.seed,
+            "fold": self.fold,
+            "train": list(self.train),
+            "val": list(self.val),
+            "test": list(self.test),
+        }
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,9 @@ def _cohort(patients: dict[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((str(p), str(d)) for p, d in patients.items()))
 
 
-def make_splits(patients: dict[str, str], *, folds: int = 5, seeds: int = 3, seed: int = 0,
-                val_fraction: float = 0.2) -> Splits:  # fmt: skip
+def make_splits(
+    patients: dict[str, str], *, folds: int = 5, seeds: int = 3, seed: int = 0, val_fraction: float = 0.2
+) -> Splits:
     """Stratified outer `folds`-fold for seeds `seed .. seed+seeds-1`; the inner val set is stratified too."""
     if folds < 2:
         raise ConfigError(f"folds={folds}: an outer k-fold needs at least 2 folds")
@@ -122,8 +128,9 @@ def make_splits(patients: dict[str, str], *, folds: int = 5, seeds: int = 3, see
             val_set = set(val)
             train = sorted(p for ids in rest.values() for p in ids if p not in val_set)
             out.append(FoldSplit(seed=s, fold=f, train=tuple(train), val=tuple(sorted(val)), test=tuple(test)))
-    splits = Splits(cohort=cohort, folds=folds, seeds=tuple(range(seed, seed + seeds)), val_fraction=val_fraction,
-                    splits=tuple(out))  # fmt: skip
+    splits = Splits(
+        cohort=cohort, folds=folds, seeds=tuple(range(seed, seed + seeds)), val_fraction=val_fraction, splits=tuple(out)
+    )
     check_no_leakage(splits)
     return splits
 
@@ -166,7 +173,7 @@ def splits_from_dict(data: dict, where: str = "splits") -> Splits:
                     train=tuple(x["train"]),
                     val=tuple(x["val"]),
                     test=tuple(x["test"]),
-                )  # fmt: skip
+                )
                 for x in data["splits"]
             ),
         )
@@ -205,13 +212,23 @@ def _cohort_difference(stored: Splits, cohort: tuple[tuple[str, str], ...]) -> l
     old, new = dict(stored.cohort), dict(cohort)
     diff = [f"patient {p!r} is new (not in the split file)" for p in sorted(set(new) - set(old))]
     diff += [f"patient {p!r} is gone (in the split file only)" for p in sorted(set(old) - set(new))]
-    diff += [f"patient {p!r}: diagnosis {old[p]!r} in the split file, {new[p]!r} now"
-             for p in sorted(set(old) & set(new)) if old[p] != new[p]]  # fmt: skip
+    diff += [
+        f"patient {p!r}: diagnosis {old[p]!r} in the split file, {new[p]!r} now"
+        for p in sorted(set(old) & set(new))
+        if old[p] != new[p]
+    ]
     return diff
 
 
-def load_or_create_splits(path: str | Path, patients: dict[str, str], *, folds: int = 5, seeds: int = 3,
-                          seed: int = 0, val_fraction: float = 0.2) -> tuple[Splits, bool]:  # fmt: skip
+def load_or_create_splits(
+    path: str | Path,
+    patients: dict[str, str],
+    *,
+    folds: int = 5,
+    seeds: int = 3,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+) -> tuple[Splits, bool]:
     """Reuse `path` when it matches this cohort and these settings, else make and write it; refuse a mismatch.
 
     Returns (splits, created).
@@ -252,6 +269,6 @@ def crossfit_plan(splits: Splits) -> list[dict]:
             "fold": fs.fold,
             "train_patients": sorted(fs.train + fs.val),
             "test_patients": list(fs.test),
-        }  # fmt: skip
+        }
         for fs in splits.splits
     ]

@@ -1,0 +1,92 @@
+"""The typed, strict config of a comparison: unknown keys are errors; the resolved config is saved with results."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mil.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+DEFAULT_COMPARE_CONFIG = CONFIG_DIR / "compare.yaml"
+WANDB_MODES = ("disabled", "offline", "online")
+COUNT_SOURCES = ("truth", "hard", "soft")
+
+
+@dataclass
+class CompareConfig:
+    """Every knob of `mil compare`; configs/compare.yaml documents each one."""
+
+    heads: list[str] = field(default_factory=lambda: ["count.logreg", "count.rf", "count.meta", "mean", "abmil"])
+    folds: int = 5
+    seeds: int = 3
+    seed: int = 0
+    val_fraction: float = 0.2
+    counts: str = "truth"
+    group_by: str | None = None
+    groups: str | None = None
+    cell_probs_per_fold: str | None = None
+    n_boot: int = 1000
+    ci_level: float = 0.95
+    ece_bins: int = 10
+    count_heads: dict = field(default_factory=dict)
+    attention_heads: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    devices: int = 1
+    accelerator: str = "cpu"
+    wandb: str = "disabled"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.heads, str):
+            self.heads = [h.strip() for h in self.heads.split(",") if h.strip()]
+        if not self.heads:
+            problems.append("heads is empty; name at least one head, e.g. count.logreg,abmil")
+        if len(set(self.heads)) != len(self.heads):
+            problems.append(f"heads repeat: {self.heads}")
+        if self.counts not in COUNT_SOURCES:
+            problems.append(f"counts {self.counts!r} is not one of {COUNT_SOURCES}")
+        if self.wandb not in WANDB_MODES:
+            problems.append(f"wandb {self.wandb!r} is not one of {WANDB_MODES}")
+        if self.cell_probs_per_fold and self.counts == "truth":
+            problems.append("cell_probs_per_fold needs counts hard or soft (ground-truth counts need no classifier)")
+        if not 0.5 < self.ci_level < 1.0:
+            problems.append(f"ci_level {self.ci_level} must lie between 0.5 and 1")
+        if self.n_boot < 100:
+            problems.append(f"n_boot {self.n_boot} is too few for a 95% interval; use at least 100 (1000 default)")
+        if self.devices < 1:
+            problems.append(f"devices {self.devices} must be >= 1")
+        for key in ("count_heads", "attention_heads", "train"):
+            if not isinstance(getattr(self, key), dict):
+                problems.append(f"{key} must be a mapping")
+        for name in list(self.count_heads) + list(self.attention_heads):
+            if name not in self.heads:
+                problems.append(f"options are given for head {name!r}, which is not in heads {self.heads}")
+        if problems:
+            raise ConfigError("compare config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_compare_config(path: str | Path | None = None, **overrides) -> CompareConfig:
+    """Read a YAML config (default configs/compare.yaml) and apply overrides (CLI flags; None = not given)."""
+    path = Path(path) if path else DEFAULT_COMPARE_CONFIG
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"compare config {path} does not exist; start from {DEFAULT_COMPARE_CONFIG}") from e
+    if not isinstance(spec, dict):
+        raise ConfigError(f"compare config {path} must be a YAML mapping of key: value")
+    known = {f.name for f in dataclasses.fields(CompareConfig)}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ConfigError(f"compare config {path}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    spec.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return CompareConfig(**spec)
+    except TypeError as e:
+        raise ConfigError(f"compare config {path}: {e}") from e

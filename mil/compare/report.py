@@ -1,0 +1,246 @@
+"""Results of a comparison on disk: summary.md/.csv (each metric with its CI), paired.csv, predictions.csv,
+config.yaml, roc.png and confusion_<head>.png. Every file is written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from mil.atomic import atomic_path, atomic_write_text
+from mil.compare.config import CompareConfig
+from mil.compare.runner import CompareResult
+from mil.protocol import BootstrapResult, PairedResult, bootstrap_metrics, paired_bootstrap
+
+SUMMARY_METRICS = (
+    ("macro_f1", "macro-F1"),
+    ("balanced_accuracy", "balanced acc."),
+    ("auroc", "AUROC (OvR)"),
+    ("ece", "ECE"),
+    ("accuracy", "accuracy"),
+)
+
+
+def _csv_text(header: list[str], rows: list[list]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    def validate(tmp: Path) -> None:
+        with tmp.open(newline="") as f:
+            if sum(1 for _ in csv.reader(f)) != len(rows) + 1:
+                raise OSError(f"{path} did not read back with {len(rows)} rows")
+
+    atomic_write_text(path, _csv_text(header, rows), validate)
+
+
+def _fmt(x: float) -> str:
+    return "nan" if not np.isfinite(x) else f"{x:.3f}"
+
+
+def evaluate(result: CompareResult, config: CompareConfig) -> tuple[dict[str, BootstrapResult], list[PairedResult]]:
+    """Bootstrap CIs per head, and the paired macro-F1 test for every pair (later head minus earlier head)."""
+    per_head = {
+        h: bootstrap_metrics(
+            result.y_true, p, n_boot=config.n_boot, level=config.ci_level, seed=config.seed, n_bins=config.ece_bins
+        )
+        for h, p in result.probs.items()
+    }
+    paired = [
+        paired_bootstrap(
+            result.y_true,
+            result.probs[b],
+            result.probs[a],
+            head_a=b,
+            head_b=a,
+            n_boot=config.n_boot,
+            level=config.ci_level,
+            seed=config.seed,
+        )
+        for a, b in itertools.combinations(list(result.probs), 2)
+    ]
+    return per_head, paired
+
+
+def summary_rows(result: CompareResult, per_head: dict[str, BootstrapResult]) -> tuple[list[str], list[list]]:
+    header = ["head", "kind", "splits_sha256", "patients", "seeds"]
+    for key, _ in SUMMARY_METRICS:
+        header += [key, f"{key}_lo", f"{key}_hi"]
+    for key in ("sensitivity", "specificity"):
+        for c in result.classes:
+            header += [f"{key}_{c}", f"{key}_{c}_lo", f"{key}_{c}_hi"]
+    header.append("seconds")
+    rows = []
+    for h, b in per_head.items():
+        row = [h, result.kinds[h], result.splits.sha256, len(result.patients), len(result.splits.seeds)]
+        for key, _ in SUMMARY_METRICS:
+            row += [_fmt(b.point[key]), _fmt(b.lo[key]), _fmt(b.hi[key])]
+        for key in ("sensitivity", "specificity"):
+            for i in range(len(result.classes)):
+                row += [_fmt(b.point[key][i]), _fmt(b.lo[key][i]), _fmt(b.hi[key][i])]
+        row.append(f"{result.seconds.get(h, 0.0):.1f}")
+        rows.append(row)
+    return header, rows
+
+
+def summary_markdown(
+    result: CompareResult, per_head: dict[str, BootstrapResult], paired: list[PairedResult], config: CompareConfig
+) -> str:
+    level = int(round(config.ci_level * 100))
+    lines = [
+        f"# Comparison: {len(result.patients)} patients, {len(result.classes)} diagnoses "
+        f"({', '.join(result.classes)}), {result.splits.folds}-fold x {len(result.splits.seeds)} seeds",
+        "",
+        f"Splits sha256 `{result.splits.sha256}`; counts from `{config.counts}`; "
+        f"{level}% bootstrap CIs over patients ({config.n_boot} replicates).",
+        "",
+        "| head | kind | " + " | ".join(name for _, name in SUMMARY_METRICS) + " |",
+        "|---|---|" + "---|" * len(SUMMARY_METRICS),
+    ]
+    for h, b in per_head.items():
+        cells = [f"{_fmt(b.point[k])} [{_fmt(b.lo[k])}, {_fmt(b.hi[k])}]" for k, _ in SUMMARY_METRICS]
+        lines.append(f"| {h} | {result.kinds[h]} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"## Paired test of macro-F1 (a - b, {level}% CI, two-sided bootstrap p)",
+        "",
+        "| a | b | difference | CI | p |",
+        "|---|---|---|---|---|",
+    ]
+    for p in paired:
+        mark = " *" if p.lo > 0 or p.hi < 0 else ""
+        lines.append(
+            f"| {p.head_a} | {p.head_b} | {p.diff:+.3f}{mark} | [{p.lo:+.3f}, {p.hi:+.3f}] | {p.p_value:.3f} |"
+        )
+    lines += [
+        "",
+        "`*`: the CI excludes 0.",
+        "",
+        "## Sensitivity / specificity per diagnosis",
+        "",
+        "| head | " + " | ".join(result.classes) + " |",
+        "|---|" + "---|" * len(result.classes),
+    ]
+    for h, b in per_head.items():
+        cells = [
+            f"{_fmt(b.point['sensitivity'][i])} / {_fmt(b.point['specificity'][i])}" for i in range(len(result.classes))
+        ]
+        lines.append(f"| {h} | " + " | ".join(cells) + " |")
+    if result.dropped:
+        lines += ["", f"Left out (no valid bag): {', '.join(result.dropped)}"]
+    return "\n".join(lines) + "\n"
+
+
+def prediction_rows(result: CompareResult) -> tuple[list[str], list[list]]:
+    header = ["patient_id", "seed", "fold", "head", "true", "predicted"] + [f"prob_{c}" for c in result.classes]
+    rows = []
+    for h, probs in result.probs.items():
+        for s, seed in enumerate(result.splits.seeds):
+            for i, p in enumerate(result.patients):
+                pr = probs[s, i]
+                rows.append(
+                    [
+                        p,
+                        seed,
+                        int(result.fold_of[s, i]),
+                        h,
+                        result.classes[result.y_true[i]],
+                        result.classes[int(pr.argmax())],
+                        *(f"{v:.6f}" for v in pr),
+                    ]
+                )
+    return header, rows
+
+
+def _save_png(path: Path, fig) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_roc(result: CompareResult, path: Path) -> None:
+    """One-vs-rest ROC per diagnosis, one line per head; seeds pooled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    n = len(result.classes)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
+    for c, (ax, name) in enumerate(zip(axes[0], result.classes)):
+        for h, probs in result.probs.items():
+            y = np.tile(result.y_true == c, len(result.splits.seeds))
+            score = probs[:, :, c].reshape(-1)
+            if y.all() or not y.any():
+                continue
+            fpr, tpr, _ = roc_curve(y, score)
+            ax.plot(fpr, tpr, label=h)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
+        ax.set(title=f"{name} vs rest", xlabel="1 - specificity", ylabel="sensitivity")
+        ax.legend(fontsize=7, loc="lower right")
+    _save_png(path, fig)
+
+
+def plot_confusion(result: CompareResult, head: str, confusion: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(result.classes)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2, 1.2 * n + 1.5))
+    ax.imshow(confusion, cmap="Blues")
+    for i, j in itertools.product(range(n), range(n)):
+        ax.text(
+            j,
+            i,
+            int(confusion[i, j]),
+            ha="center",
+            va="center",
+            color="white" if confusion[i, j] > confusion.max() / 2 else "black",
+        )
+    ax.set(
+        xticks=range(n),
+        yticks=range(n),
+        xticklabels=result.classes,
+        yticklabels=result.classes,
+        xlabel="predicted",
+        ylabel="true",
+        title=f"{head} (summed over {len(result.splits.seeds)} seeds)",
+    )
+    _save_png(path, fig)
+
+
+def write_report(result: CompareResult, config: CompareConfig, out: str | Path) -> dict[str, BootstrapResult]:
+    out = Path(out)
+    per_head, paired = evaluate(result, config)
+    _write_csv(out / "summary.csv", *summary_rows(result, per_head))
+    _write_csv(
+        out / "paired.csv",
+        ["head_a", "head_b", "metric", "diff", "lo", "hi", "p_value", "n_boot"],
+        [
+            [p.head_a, p.head_b, p.metric, f"{p.diff:.4f}", f"{p.lo:.4f}", f"{p.hi:.4f}", f"{p.p_value:.4f}", p.n_boot]
+            for p in paired
+        ],
+    )
+    _write_csv(out / "predictions.csv", *prediction_rows(result))
+    resolved = {**config.to_dict(), "splits_sha256": result.splits.sha256, "classes": result.classes}
+    atomic_write_text(
+        out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False), lambda p: yaml.safe_load(p.read_text())
+    )
+    atomic_write_text(out / "summary.md", summary_markdown(result, per_head, paired, config))
+    plot_roc(result, out / "roc.png")
+    for h, b in per_head.items():
+        plot_confusion(result, h, b.confusion, out / f"confusion_{h}.png")
+    return per_head

@@ -1,0 +1,238 @@
+"""Run every head of a comparison on the same splits and collect out-of-fold predictions.
+
+Order of work: bags (one encoder, checked) + patient table -> cohort -> splits.json (made once, reused) ->
+for each seed and outer fold: every count head (fit on train + val, no early stopping needed) and every
+attention head (mil.heads.train.fit_predict, early stopping on val) -> probabilities of the fold's test
+patients -> metrics, CIs and paired tests (mil.compare.report).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mil.atomic import atomic_path
+from mil.compare.config import CompareConfig
+from mil.count import build_count_data, create_count_head, is_count_head, list_count_heads, load_groups
+from mil.count.differential import check_crossfit, crossfit_folder, trained_patients
+from mil.errors import ConfigError, InputError, listing
+from mil.protocol import Splits, crossfit_plan, load_or_create_splits
+
+
+@dataclass
+class CompareResult:
+    """Out-of-fold predictions of every head: probs[head] is (seeds, patients, classes) in `patients` order."""
+
+    patients: list[str]
+    classes: list[str]
+    y_true: np.ndarray
+    splits: Splits
+    probs: dict[str, np.ndarray] = field(default_factory=dict)
+    fold_of: np.ndarray | None = None  # (seeds, patients) outer fold that tested each patient
+    kinds: dict[str, str] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _check_heads(names: list[str]) -> dict[str, str]:
+    from mil.heads import list_heads
+
+    kinds, unknown = {}, []
+    for name in names:
+        if is_count_head(name):
+            kinds[name] = "count"
+        elif name in list_heads():
+            kinds[name] = "attention"
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ConfigError(
+            f"unknown head(s) {unknown}; count heads: {', '.join(list_count_heads())}; "
+            f"attention heads: {', '.join(list_heads())}"
+        )
+    return kinds
+
+
+def _cohort(bag_patients: list[str], patients_csv: Path, log) -> tuple[dict[str, str], list[str]]:
+    """patient -> diagnosis of the patients with both a valid bag and a diagnosis; list the others."""
+    from mil.cell_table import read_patient_table
+
+    table = read_patient_table(patients_csv).by_id()
+    no_row = sorted(set(bag_patients) - set(table))
+    if no_row:
+        raise InputError(
+            f"{len(no_row)} bag(s) have no row in {patients_csv}:\n{listing(no_row)}\n"
+            "Add the patients with their diagnosis, or move their bags out of the bag directory."
+        )
+    dropped = sorted(set(table) - set(bag_patients))
+    if dropped:
+        log(f"note: {len(dropped)} patient(s) of {patients_csv} have no valid bag and are left out: {dropped[:10]}")
+    return {p: table[p]["diagnosis"].strip() for p in bag_patients}, dropped
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def validate(tmp: Path) -> None:
+        if np.load(tmp).shape != array.shape:
+            raise OSError(f"{path} did not read back with shape {array.shape}")
+
+    with atomic_path(path, validate) as tmp, tmp.open("wb") as f:
+        np.save(f, array)
+
+
+def _train_config(config: CompareConfig, seed: int):
+    from mil.heads.train import TrainConfig
+
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(config.train) - known)
+    if unknown:
+        raise ConfigError(f"compare config train: unknown key(s) {unknown}; TrainConfig takes {sorted(known)}")
+    options = {**config.train, "seed": int(config.train.get("seed", 0)) + seed}
+    for key, value in (("devices", config.devices), ("accelerator", config.accelerator), ("wandb", config.wandb)):
+        if key in known:
+            options[key] = value
+    return TrainConfig(**options)
+
+
+def _count_data_for_fold(config: CompareConfig, fold: dict, bag_dir_default, groups, group_by, n_seeds: int):
+    """Count inputs for one fold: the shared bags, or that fold's cross-fitted classifier bags (checked)."""
+    if not config.cell_probs_per_fold:
+        return None
+    from features.bags import BagDirectory
+
+    folder = crossfit_folder(Path(config.cell_probs_per_fold), fold, n_seeds)
+    directory = BagDirectory(folder)
+    bags = {p: directory.load(p) for p in directory.patients()}
+    if not bags:
+        raise InputError(f"cross-fitted bag folder {folder} holds no valid bag")
+    check_crossfit(fold, trained_patients(folder, next(iter(bags.values()))), where=str(folder))
+    for bag in bags.values():  # every bag may carry its own record; all must be clean
+        found = trained_patients(folder, bag)
+        if found is not None:
+            check_crossfit(fold, found, where=f"{folder} (patient {bag.patient_id})")
+    return build_count_data(bags, source=config.counts, group_by=group_by, groups=groups)
+
+
+def run_compare(
+    config: CompareConfig, *, bags: str | Path, patients: str | Path, out: str | Path, log=print
+) -> CompareResult:
+    """Train and evaluate every head of `config.heads` on the same splits; write splits.json and attention."""
+    from features.bags import BagDirectory
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.wandb != "disabled":
+        os.environ["WANDB_MODE"] = config.wandb  # offline/online only when asked; never a login prompt
+    kinds = _check_heads(config.heads)
+    directory = BagDirectory(bags)
+    directory.check_consistent()
+    bag_patients = directory.patients()
+    if not bag_patients:
+        raise InputError(f"bag directory {bags} holds no valid bag; run `mil extract` first")
+    cohort, dropped = _cohort(bag_patients, Path(patients), log)
+    splits, created = load_or_create_splits(
+        out / "splits.json",
+        cohort,
+        folds=config.folds,
+        seeds=config.seeds,
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+    )
+    log(f"splits {'written' if created else 'reused'}: {out / 'splits.json'} (sha256 {splits.sha256[:12]})")
+    order = splits.patients
+    classes = sorted(set(cohort.values()))
+    y_true = np.array([classes.index(cohort[p]) for p in order], dtype=np.int64)
+    loaded = {p: directory.load(p) for p in order}
+
+    groups = load_groups(config.groups) if config.groups else None
+    group_by = load_groups(config.group_by) if config.group_by else None
+    count_heads = [h for h in config.heads if kinds[h] == "count"]
+    shared_counts = None
+    if count_heads and not config.cell_probs_per_fold:
+        shared_counts = build_count_data(loaded, source=config.counts, group_by=group_by, groups=groups)
+    plan = {f["name"]: f for f in crossfit_plan(splits)}
+
+    n_seeds, index = len(splits.seeds), {p: i for i, p in enumerate(order)}
+    result = CompareResult(
+        patients=order,
+        classes=classes,
+        y_true=y_true,
+        splits=splits,
+        kinds=kinds,
+        dropped=dropped,
+        fold_of=np.full((n_seeds, len(order)), -1),
+    )
+    for h in config.heads:
+        result.probs[h] = np.full((n_seeds, len(order), len(classes)), np.nan)
+        result.seconds[h] = 0.0
+    attention: dict[str, dict[str, list]] = {h: {} for h in config.heads if kinds[h] == "attention"}
+
+    for k, fs in enumerate(splits.splits):
+        s = splits.seeds.index(fs.seed)
+        test_rows = [index[p] for p in fs.test]
+        result.fold_of[s, test_rows] = fs.fold
+        fold_counts = _count_data_for_fold(config, plan[fs.name], directory, groups, group_by, n_seeds)
+        counts = fold_counts or shared_counts
+        scores = []
+        for h in config.heads:
+            start = time.perf_counter()
+            if kinds[h] == "count":
+                fit_on = list(fs.train + fs.val)
+                head = create_count_head(h, seed=fs.seed, **config.count_heads.get(h, {}))
+                head.fit(counts.take(fit_on), y_true[[index[p] for p in fit_on]], num_classes=len(classes))
+                probs = head.predict_proba(counts.take(list(fs.test)))
+            else:
+                probs, att = _fit_attention(h, config, fs, loaded, y_true, index, len(classes), out, directory)
+                for p, a in att.items():
+                    attention[h].setdefault(p, []).append(np.asarray(a, dtype=np.float32))
+            result.probs[h][s, test_rows] = probs
+            result.seconds[h] += time.perf_counter() - start
+            acc = float((probs.argmax(axis=1) == y_true[test_rows]).mean())
+            scores.append(f"{h} {acc:.2f}")
+        log(
+            f"[{k + 1}/{len(splits.splits)}] seed {fs.seed} fold {fs.fold + 1}/{splits.folds}: "
+            f"test accuracy {', '.join(scores)}"
+        )
+
+    for h, per_patient in attention.items():
+        for p, arrays in per_patient.items():
+            _save_npy(out / "attention" / h / f"{p}.npy", np.stack(arrays))  # (seeds, N) or (seeds, C, N)
+    missing = [h for h, pr in result.probs.items() if np.isnan(pr).any()]
+    if missing:
+        raise RuntimeError(f"heads {missing} left patients without an out-of-fold prediction (a bug; please report)")
+    return result
+
+
+def _fit_attention(name, config, fs, loaded, y_true, index, num_classes, out, directory):
+    """One attention head on one fold: BagRecords from the bags, fit_predict, probs of the test patients."""
+    from mil.heads import create_head
+    from mil.heads.data import BagRecord
+    from mil.heads.train import fit_predict
+
+    def records(ids):
+        return [
+            BagRecord(
+                patient_id=p, features=np.asarray(loaded[p].features, dtype=np.float32), target=int(y_true[index[p]])
+            )
+            for p in ids
+        ]
+
+    train_config = _train_config(config, fs.seed * 1000 + fs.fold)
+    options = dict(config.attention_heads.get(name, {}))
+    for key in ("hidden_dim", "dropout"):
+        if key in config.train and key not in options:
+            options[key] = config.train[key]
+    head = create_head(name, in_dim=directory.feature_dim, num_classes=num_classes, **options)
+    result = fit_predict(
+        head,
+        train=records(fs.train),
+        val=records(fs.val),
+        test=records(fs.test),
+        num_classes=num_classes,
+        config=train_config,
+        log_dir=out / "logs" / name / fs.name,
+    )
+    return np.asarray(result.probs, dtype=np.float64), result.attention
