@@ -1,0 +1,177 @@
+"""Bags in memory for head training: records, per-epoch cell subsampling, padded collate with a mask,
+and a length-bucketed batch sampler.
+
+Randomness here never touches the global RNG: the cells drawn from a bag and the order of batches
+depend only on (seed, epoch, bag), so a run resumed from a checkpoint sees the same data as an
+uninterrupted one, and every DDP rank agrees on the batches before taking its share. The epoch is
+read when data is fetched (``epoch_source``, e.g. the trainer's current epoch) rather than pushed by
+a hook, because a resumed run skips some epoch-start hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from mil.errors import InputError
+
+
+@dataclass
+class BagRecord:
+    """One patient's bag: cell features (N, D) float32 and the diagnosis index."""
+
+    patient_id: str
+    features: np.ndarray
+    target: int
+
+
+def check_records(records: list[BagRecord], *, num_classes: int, role: str) -> int:
+    """Refuse empty bags, NaN features, mixed widths and out-of-range targets; return the feature width."""
+    problems, widths = [], set()
+    for r in records:
+        f = np.asarray(r.features)
+        if f.ndim != 2 or f.shape[0] == 0:
+            problems.append(f"{role} patient {r.patient_id}: bag has shape {f.shape}, expected (N>0, D)")
+            continue
+        widths.add(f.shape[1])
+        if not np.isfinite(f).all():
+            problems.append(f"{role} patient {r.patient_id}: features hold NaN or inf; re-extract the bag")
+        if not 0 <= int(r.target) < num_classes:
+            problems.append(f"{role} patient {r.patient_id}: target {r.target} outside 0..{num_classes - 1}")
+    if len(widths) > 1:
+        problems.append(f"{role} bags mix feature widths {sorted(widths)}; use bags of one encoder")
+    if problems:
+        raise InputError(f"{len(problems)} problem(s) in the {role} bags:\n" + "\n".join(f"  - {p}" for p in problems))
+    if not widths:
+        raise InputError(f"no {role} bags given")
+    return widths.pop()
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]))
+
+
+class BagDataset(Dataset):
+    """Items are (features (n, D) float tensor, target, index); in training, a bag over ``max_cells``
+    cells is cut to a random subset, drawn anew each epoch (``set_epoch``) and kept in cell order."""
+
+    def __init__(
+        self,
+        records: list[BagRecord],
+        *,
+        max_cells: int | None = None,
+        seed: int = 0,
+        epoch_source: Callable[[], int] | None = None,
+    ) -> None:
+        self.records = records
+        self.epoch_source = epoch_source
+        self.features = [torch.from_numpy(np.ascontiguousarray(r.features, dtype=np.float32)) for r in records]
+        self.targets = [int(r.target) for r in records]
+        self.max_cells = max_cells
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def lengths(self) -> list[int]:
+        n = [len(f) for f in self.features]
+        return [min(k, self.max_cells) for k in n] if self.max_cells else n
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        features = self.features[index]
+        if self.max_cells and len(features) > self.max_cells:
+            epoch = self.epoch_source() if self.epoch_source else self.epoch
+            keep = np.sort(_rng(self.seed, epoch, index).choice(len(features), self.max_cells, replace=False))
+            features = features[torch.from_numpy(keep)]
+        return features, self.targets[index], index
+
+
+def pad_collate(items: list[tuple[torch.Tensor, int, int]]) -> dict[str, torch.Tensor]:
+    """Stack bags of different sizes into x (B, N_max, D) zero-padded, mask (B, N_max) True = real cell."""
+    longest = max(len(f) for f, _, _ in items)
+    dim = items[0][0].shape[1]
+    x = torch.zeros(len(items), longest, dim, dtype=items[0][0].dtype)
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for row, (features, _, _) in enumerate(items):
+        x[row, : len(features)] = features
+        mask[row, : len(features)] = True
+    return {
+        "x": x,
+        "mask": mask,
+        "target": torch.tensor([t for _, t, _ in items], dtype=torch.long),
+        "index": torch.tensor([i for _, _, i in items], dtype=torch.long),
+    }
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of bags of similar length, so big bags are not padded against small ones.
+
+    Training: shuffle, cut into pools of ``pool_batches`` batches, sort each pool by length, cut into
+    batches, shuffle the batch order. Evaluation (``shuffle=False``): sorted by length. With several
+    DDP ranks every rank builds the same batch list and takes every ``num_replicas``-th batch; the list is
+    padded by repeating its first batches so every rank runs the same number of steps.
+    """
+
+    def __init__(
+        self,
+        lengths: list[int],
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        pool_batches: int = 8,
+        num_replicas: int = 1,
+        rank: int = 0,
+        epoch_source: Callable[[], int] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.pool_batches = pool_batches
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.epoch_source = epoch_source
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self, epoch: int) -> list[list[int]]:
+        order = np.arange(len(self.lengths))
+        lengths = np.asarray(self.lengths)
+        if not self.shuffle:
+            order = order[np.argsort(lengths, kind="stable")]
+            return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        rng = _rng(self.seed, epoch, 7919)
+        order = rng.permutation(order)
+        pool = self.batch_size * self.pool_batches
+        batches = []
+        for start in range(0, len(order), pool):
+            chunk = order[start : start + pool]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self):
+        # A generator: the epoch is read at the first fetch, after the trainer has moved to the new epoch.
+        batches = self._all_batches(self.epoch_source() if self.epoch_source else self.epoch)
+        if self.num_replicas > 1:
+            short = -len(batches) % self.num_replicas
+            batches = batches + batches[:short]
+            batches = batches[self.rank :: self.num_replicas]
+        yield from batches
+
+    def __len__(self) -> int:
+        total = len(self._all_batches(0))  # the count does not depend on the epoch
+        return -(-total // self.num_replicas)

@@ -1,0 +1,141 @@
+"""The LightningModule that trains one head, and batched evaluation of full bags."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mil.heads.common import MilHead
+from mil.heads.data import BagDataset, BagRecord, LengthBucketSampler, pad_collate
+
+
+def macro_auroc(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean one-vs-rest AUROC over the classes with both positives and negatives; NaN when none has."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = [
+        roc_auc_score(targets == c, probs[:, c])
+        for c in range(probs.shape[1])
+        if 0 < (targets == c).sum() < len(targets)
+    ]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+class HeadModule(L.LightningModule):
+    """AdamW + class-weighted cross-entropy on padded, masked, length-bucketed batches."""
+
+    def __init__(
+        self, head: MilHead, *, train: list[BagRecord], val: list[BagRecord], config, class_weights: torch.Tensor
+    ) -> None:
+        super().__init__()
+        self.head = head
+        self.train_records, self.val_records = train, val
+        self.config = config
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self.history: list[dict] = []
+        self._train_loss = [0.0, 0]
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._val_metrics: dict = {}
+
+    def _data_epoch(self) -> int:
+        return self.current_epoch
+
+    def train_dataloader(self) -> DataLoader:
+        data = BagDataset(
+            self.train_records,
+            max_cells=self.config.max_cells_train,
+            seed=self.config.seed,
+            epoch_source=self._data_epoch,
+        )
+        sampler = LengthBucketSampler(
+            data.lengths(),
+            batch_size=self.config.batch_size,
+            shuffle=True,
+            seed=self.config.seed,
+            num_replicas=self.trainer.world_size,
+            rank=self.trainer.global_rank,
+            epoch_source=self._data_epoch,
+        )
+        return DataLoader(data, batch_sampler=sampler, collate_fn=pad_collate, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        # Every rank validates all bags: metrics agree across ranks without gathering, and val is small.
+        data = BagDataset(self.val_records)
+        sampler = LengthBucketSampler(data.lengths(), batch_size=self.config.batch_size, shuffle=False)
+        return DataLoader(data, batch_sampler=sampler, collate_fn=pad_collate, num_workers=0)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.head.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 0:
+            # Dropout draws from a stream fixed by (seed, epoch, rank), so a resumed epoch replays exactly.
+            torch.manual_seed(self.config.seed * 1_000_003 + self.current_epoch * 7919 + self.global_rank)
+            self._train_loss = [0.0, 0]
+        logits = self.head(batch["x"], batch["mask"])  # (B, C)
+        loss = torch.nn.functional.cross_entropy(logits, batch["target"], weight=self.class_weights)
+        size = len(batch["target"])
+        self._train_loss[0] += float(loss.detach()) * size
+        self._train_loss[1] += size
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self.head(batch["x"], batch["mask"])  # (B, C)
+        self._val_outputs.append((logits.detach().float().cpu(), batch["target"].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        logits = torch.cat([o[0] for o in self._val_outputs])
+        targets = torch.cat([o[1] for o in self._val_outputs])
+        self._val_outputs = []
+        loss = float(torch.nn.functional.cross_entropy(logits, targets, weight=self.class_weights.cpu()))
+        auroc = macro_auroc(torch.softmax(logits, dim=1).numpy(), targets.numpy())
+        self._val_metrics = {"val_loss": loss, "val_auroc": auroc}
+        self.log("val_loss", loss, sync_dist=True)
+        self.log("val_auroc", auroc if np.isfinite(auroc) else 0.0, sync_dist=True)
+        self._close_epoch()
+
+    def on_train_epoch_end(self) -> None:
+        self._close_epoch()
+
+    def _close_epoch(self) -> None:
+        """Record this epoch once (checkpoint saves and epoch-end hooks may both ask, in either order)."""
+        total, count = self._train_loss
+        entry = {"epoch": int(self.current_epoch), "train_loss": total / count if count else float("nan")}
+        entry.update(self._val_metrics)
+        if self.history and self.history[-1]["epoch"] == entry["epoch"]:
+            self.history[-1] = entry
+        else:
+            self.history.append(entry)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._close_epoch()
+        checkpoint["history"] = {"epochs": [dict(e) for e in self.history]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = [dict(e) for e in checkpoint.get("history", {}).get("epochs", [])]
+
+
+@torch.no_grad()
+def evaluate_bags(
+    head: MilHead, records: list[BagRecord], *, batch_size: int = 8
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Softmax probabilities (len(records), C) in record order and attention per patient (real cells only)."""
+    head.eval()
+    device = next(head.parameters()).device
+    probs = np.zeros((len(records), head.num_classes), dtype=np.float64)
+    attention: dict[str, np.ndarray] = {}
+    data = BagDataset(records)
+    sampler = LengthBucketSampler(data.lengths(), batch_size=batch_size, shuffle=False)
+    for indices in sampler:
+        batch = pad_collate([data[i] for i in indices])
+        logits, weights = head.forward_with_attention(batch["x"].to(device), batch["mask"].to(device))
+        probs[indices] = torch.softmax(logits.double(), dim=1).cpu().numpy()
+        for row, index in enumerate(indices):
+            n = len(records[index].features)
+            attention[records[index].patient_id] = weights[row, ..., :n].cpu().numpy().astype(np.float32)
+    return probs, attention

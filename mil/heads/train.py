@@ -1,0 +1,294 @@
+"""Train an attention-MIL head with Lightning and predict the test bags: ``fit_predict``.
+
+AdamW, class-weighted cross-entropy, random cell subsampling per bag in training, length-bucketed
+batches, early stopping on the inner validation split with the best checkpoint restored, CSV logs
+always and wandb only when asked. Checkpoints are written atomically and loaded with
+``weights_only=True``; a run interrupted mid-epoch resumes from ``last.ckpt`` in its ``log_dir`` and
+ends with the same weights, and a finished run is not trained again (its best checkpoint is reused).
+With ``devices > 1`` it trains with DDP (gloo on CPU); see ``TrainConfig.strategy``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mil.atomic import atomic_path, atomic_write_text
+from mil.errors import ConfigError
+from mil.heads.common import MilHead
+from mil.heads.data import BagRecord, check_records
+from mil.heads.module import HeadModule, evaluate_bags
+from mil.heads.registry import create_head
+
+CHECKPOINT_DIR = "checkpoints"
+RUN_FILE = "run.json"
+FINISHED_FILE = "finished.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; saved beside the run (``run.json``)."""
+
+    max_epochs: int = 50
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    dropout: float = 0.25
+    hidden_dim: int = 128
+    patience: int = 10
+    max_cells_train: int | None = 512  # random subset per bag and epoch in training; None keeps all cells
+    batch_size: int = 8
+    seed: int = 0
+    devices: int = 1
+    accelerator: str = "cpu"
+    # "auto": one device -> no strategy; several -> "ddp_spawn" (gloo on CPU), which keeps fit_predict a
+    # plain function call inside a larger command; "ddp" re-executes the whole command once per rank
+    # (use it under torchrun/SLURM).
+    strategy: str = "auto"
+    monitor: str = "val_loss"  # or "val_auroc" (macro one-vs-rest over the classes present in val)
+    class_weighted: bool = True
+    head_kwargs: dict = field(default_factory=dict)  # extra constructor options of the head
+    wandb: str = "disabled"  # "offline" | "online" | "disabled"; WANDB_MODE=disabled in the env wins
+    wandb_project: str = "cytomil"
+    enable_progress_bar: bool = False
+    deterministic: bool = True
+    resume: bool = True  # reuse a finished run / continue from last.ckpt when log_dir holds the same run
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.monitor not in ("val_loss", "val_auroc"):
+            problems.append(f"monitor={self.monitor!r}: use 'val_loss' or 'val_auroc'")
+        if self.wandb not in ("offline", "online", "disabled"):
+            problems.append(f"wandb={self.wandb!r}: use 'offline', 'online' or 'disabled'")
+        for name in ("max_epochs", "batch_size", "devices", "hidden_dim"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.max_cells_train is not None and self.max_cells_train < 1:
+            problems.append(f"max_cells_train={self.max_cells_train}: must be >= 1 or None")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout={self.dropout}: must be in [0, 1)")
+        if problems:
+            raise ConfigError("invalid training config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """Strict: a key that is not a field is an error naming the valid keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; valid options: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class HeadResult:
+    """Test-bag probabilities (in ``test`` order), attention per test patient (real cells only:
+    (N,) or (C, N)) and the training history (epochs, best epoch, losses)."""
+
+    probs: np.ndarray
+    attention: dict[str, np.ndarray]
+    history: dict
+    best_checkpoint: str | None = None
+
+
+def is_global_zero() -> bool:
+    """True in the process that should write outputs (rank 0, or a run without DDP)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def _fingerprint(head: MilHead, train: list[BagRecord], val: list[BagRecord], config: TrainConfig) -> str:
+    """What decides the trained weights: head, its init, config and the training/validation bags."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"head": type(head).__name__, "config": config.to_dict()}, sort_keys=True).encode())
+    for key, tensor in head.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    for role, records in (("train", train), ("val", val)):
+        for r in records:
+            digest.update(f"{role}:{r.patient_id}:{int(r.target)}".encode())
+            digest.update(np.ascontiguousarray(r.features, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def _class_weights(train: list[BagRecord], num_classes: int, weighted: bool) -> torch.Tensor:
+    counts = np.bincount([int(r.target) for r in train], minlength=num_classes).astype(np.float64)
+    if not weighted:
+        return torch.ones(num_classes, dtype=torch.float32)
+    present = counts > 0
+    # Balanced weights n / (k * n_c); a class absent from training gets 0 (nothing to learn from).
+    weights = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _loggers(config: TrainConfig, log_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(save_dir=str(log_dir), name="", version="csv")]
+    if config.wandb != "disabled" and os.environ.get("WANDB_MODE", "") != "disabled":
+        if (
+            config.wandb == "online"
+            and not os.environ.get("WANDB_API_KEY")
+            and not Path("~/.netrc").expanduser().exists()
+        ):
+            raise ConfigError("wandb 'online' needs WANDB_API_KEY (no login prompt is ever shown); use 'offline'")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(
+            WandbLogger(project=config.wandb_project, save_dir=str(log_dir), mode=config.wandb, name=log_dir.name)
+        )
+    return loggers
+
+
+def _atomic_checkpoint_io():
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Checkpoints are written to a temp file, re-read with weights_only=True, then renamed."""
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            def readable(tmp: Path) -> None:
+                torch.load(tmp, map_location="cpu", weights_only=True)
+
+            with atomic_path(path, readable) as tmp:
+                torch.save(checkpoint, tmp)
+
+        def load_checkpoint(self, path, map_location=None, weights_only=None):
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+    return AtomicCheckpointIO()
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Lightning's banner lines and the num_workers hint are noise for in-memory bags."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    if enabled:
+        logger.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def _prepare_log_dir(log_dir: Path, fingerprint: str, config: TrainConfig) -> str:
+    """'finished', 'resume' or 'fresh'; stale checkpoints of a different run are removed."""
+    run_file, ckpt_dir = log_dir / RUN_FILE, log_dir / CHECKPOINT_DIR
+    previous = json.loads(run_file.read_text()) if run_file.exists() else None
+    same = config.resume and previous is not None and previous.get("fingerprint") == fingerprint
+    if same and (log_dir / FINISHED_FILE).exists() and (ckpt_dir / "best.ckpt").exists():
+        return "finished"
+    if not same:
+        for stale in [log_dir / FINISHED_FILE, *ckpt_dir.glob("*.ckpt")]:
+            stale.unlink(missing_ok=True)
+    atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint, "config": config.to_dict()}, indent=2))
+    return "resume" if same and (ckpt_dir / "last.ckpt").exists() else "fresh"
+
+
+def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: Path | None, has_val: bool) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    mode = "min" if config.monitor == "val_loss" else "max"
+    ckpt_dir = log_dir / CHECKPOINT_DIR
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=str(ckpt_dir),
+            filename="best",
+            monitor=config.monitor if has_val else None,
+            mode=mode,
+            save_top_k=1,
+            save_last=True,
+            enable_version_counter=False,
+        )
+    ]
+    if has_val:
+        callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
+    strategy = config.strategy
+    if strategy == "auto":
+        strategy = "ddp_spawn" if config.devices > 1 else "auto"
+    trainer = L.Trainer(
+        max_epochs=config.max_epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        strategy=strategy,
+        logger=_loggers(config, log_dir),
+        callbacks=callbacks,
+        enable_progress_bar=config.enable_progress_bar,
+        enable_model_summary=False,
+        deterministic=config.deterministic,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the length-bucketed sampler shards batches across ranks itself
+        log_every_n_steps=1,
+        default_root_dir=str(log_dir),
+        plugins=[_atomic_checkpoint_io()],
+        limit_val_batches=1.0 if has_val else 0,
+    )
+    trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+
+
+def fit_predict(
+    head: str | MilHead,
+    *,
+    train: list[BagRecord],
+    val: list[BagRecord],
+    test: list[BagRecord],
+    num_classes: int,
+    config: TrainConfig | None = None,
+    log_dir: str | os.PathLike,
+) -> HeadResult:
+    """Train ``head`` (a registered name or a built head) on ``train``, stop early on ``val``, restore the
+    best checkpoint and predict ``test`` with full bags. The head's input width comes from the bags."""
+    import lightning as L
+
+    config = config or TrainConfig()
+    log_dir = Path(log_dir)
+    in_dim = check_records(train, num_classes=num_classes, role="training")
+    for role, records in (("validation", val), ("test", test)):
+        if records and check_records(records, num_classes=num_classes, role=role) != in_dim:
+            raise ConfigError(f"the {role} bags differ in feature width from the training bags ({in_dim})")
+    with _quiet(not config.enable_progress_bar):
+        L.seed_everything(config.seed, workers=True, verbose=False)
+        if isinstance(head, str):
+            kwargs = {"hidden_dim": config.hidden_dim, "dropout": config.dropout, **config.head_kwargs}
+            head = create_head(head, in_dim=in_dim, num_classes=num_classes, **kwargs)
+        monitor = config.monitor
+        if monitor == "val_auroc" and len({int(r.target) for r in val}) < 2:
+            monitor = "val_loss"  # AUROC needs two classes in validation; loss always exists
+        run_config = TrainConfig.from_dict({**config.to_dict(), "monitor": monitor})
+        state = _prepare_log_dir(log_dir, _fingerprint(head, train, val, run_config), run_config)
+        module = HeadModule(
+            head, train=train, val=val, config=run_config, class_weights=_class_weights(train, num_classes, True)
+        )
+        if not run_config.class_weighted:
+            module.class_weights.fill_(1.0)
+        ckpt_dir = log_dir / CHECKPOINT_DIR
+        if state != "finished":
+            resume_from = ckpt_dir / "last.ckpt" if state == "resume" else None
+            _train(module, run_config, log_dir, resume_from, has_val=bool(val))
+        best = ckpt_dir / "best.ckpt"
+        best_state = torch.load(best, map_location="cpu", weights_only=True)
+        module.load_state_dict(best_state["state_dict"])
+        history = dict(torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["history"])
+        history["best_epoch"] = int(best_state["epoch"])
+        history["monitor"] = monitor
+        if is_global_zero():
+            atomic_write_text(log_dir / FINISHED_FILE, json.dumps({"best_epoch": history["best_epoch"]}))
+        probs, attention = evaluate_bags(module.head, test, batch_size=run_config.batch_size)
+    return HeadResult(probs=probs, attention=attention, history=history, best_checkpoint=str(best))
