@@ -83,7 +83,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _train_config(config: CompareConfig, seed: int):
+def _train_config(config: CompareConfig, seed: int, head_kwargs: dict | None = None):
     from mil.heads.train import TrainConfig
 
     known = set(TrainConfig.__dataclass_fields__)
@@ -91,6 +91,8 @@ def _train_config(config: CompareConfig, seed: int):
     if unknown:
         raise ConfigError(f"compare config train: unknown key(s) {unknown}; TrainConfig takes {sorted(known)}")
     options = {**config.train, "seed": int(config.train.get("seed", 0)) + seed}
+    if head_kwargs:
+        options["head_kwargs"] = {**config.train.get("head_kwargs", {}), **head_kwargs}
     for key, value in (("devices", config.devices), ("accelerator", config.accelerator), ("wandb", config.wandb)):
         if key in known:
             options[key] = value
@@ -185,7 +187,7 @@ def run_compare(
                 head.fit(counts.take(fit_on), y_true[[index[p] for p in fit_on]], num_classes=len(classes))
                 probs = head.predict_proba(counts.take(list(fs.test)))
             else:
-                probs, att = _fit_attention(h, config, fs, loaded, y_true, index, len(classes), out, directory)
+                probs, att = _fit_attention(h, config, fs, loaded, y_true, index, len(classes), out)
                 for p, a in att.items():
                     attention[h].setdefault(p, []).append(np.asarray(a, dtype=np.float32))
             result.probs[h][s, test_rows] = probs
@@ -206,9 +208,11 @@ def run_compare(
     return result
 
 
-def _fit_attention(name, config, fs, loaded, y_true, index, num_classes, out, directory):
-    """One attention head on one fold: BagRecords from the bags, fit_predict, probs of the test patients."""
-    from mil.heads import create_head
+def _fit_attention(name, config, fs, loaded, y_true, index, num_classes, out):
+    """One attention head on one fold: BagRecords from the bags, fit_predict, probs of the test patients.
+
+    The head is passed by name so fit_predict builds it after seeding: its initial weights are reproducible.
+    """
     from mil.heads.data import BagRecord
     from mil.heads.train import fit_predict
 
@@ -220,14 +224,9 @@ def _fit_attention(name, config, fs, loaded, y_true, index, num_classes, out, di
             for p in ids
         ]
 
-    train_config = _train_config(config, fs.seed * 1000 + fs.fold)
-    options = dict(config.attention_heads.get(name, {}))
-    for key in ("hidden_dim", "dropout"):
-        if key in config.train and key not in options:
-            options[key] = config.train[key]
-    head = create_head(name, in_dim=directory.feature_dim, num_classes=num_classes, **options)
+    train_config = _train_config(config, fs.seed * 1000 + fs.fold, head_kwargs=config.attention_heads.get(name, {}))
     result = fit_predict(
-        head,
+        name,
         train=records(fs.train),
         val=records(fs.val),
         test=records(fs.test),
