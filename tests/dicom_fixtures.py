@@ -195,21 +195,41 @@ def write_slide(
 
 @dataclass
 class GroupSpec:
-    """One annotation group: boxes (x0,y0,x1,y1 level-0 pixels) with optional per-box cell and ROI ids."""
+    """One annotation group: boxes (x0,y0,x1,y1 level-0 pixels) with optional per-box cell and ROI ids.
+
+    `property_type` is a code meaning (private scheme) or a (value, scheme, meaning) triple. `id_style`
+    "idc" names the id measurements as the IDC conversion of the dataset does (EFO single cell identifier,
+    DCM Referenced Region of Interest Identifier, DCM Image Region for an ROI group's own ids); "plain"
+    uses private `cell_id` / `roi_id` concepts.
+    """
 
     label: str
     boxes: list[tuple[float, float, float, float]]
-    property_type: str = "cell"
+    property_type: str | tuple[str, str, str] = "cell"
     description: str | None = None
     cell_ids: list[int] | None = None
     roi_ids: list[int] | None = None
     graphic_type: str = "POLYGON"
+    id_style: str = "idc"
+    is_roi: bool = False
 
 
-def _code(meaning: str):
+def _code(concept):
     from pydicom.sr.coding import Code
 
-    return Code(meaning.replace(" ", "_")[:16], SCHEME, meaning)
+    if isinstance(concept, tuple):
+        return Code(*concept)
+    return Code(concept.replace(" ", "_")[:16], SCHEME, concept)
+
+
+def _id_concepts(spec: GroupSpec):
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    if spec.id_style == "plain":
+        return _code("cell_id"), _code("roi_id")
+    roi = Code("111030", "DCM", "Image Region") if spec.is_roi else codes.DCM.ReferencedRegionOfInterestIdentifier
+    return Code("0010197", "EFO", "single cell identifier"), roi
 
 
 def _corners(box) -> np.ndarray:
@@ -219,11 +239,22 @@ def _corners(box) -> np.ndarray:
 
 
 def write_annotations(
-    path: Path, source: Dataset, groups: list[GroupSpec], *, coordinates: str = "2D", series_uid: str | None = None
+    path: Path,
+    source: Dataset,
+    groups: list[GroupSpec],
+    *,
+    coordinates: str = "2D",
+    session: str | None = None,
+    series_description: str | None = None,
 ) -> Dataset:
-    """Write a Microscopy Bulk Simple Annotations object over `source` with highdicom."""
+    """Write a Microscopy Bulk Simple Annotations object over `source` with highdicom.
+
+    `session` marks the object as the IDC conversion does: one object per annotation session, named in
+    ClinicalTrialSeriesID ('consensus', '1', '2', 'detection-only').
+    """
     import highdicom as hd
     from highdicom.ann import AnnotationGroup, Measurements, MicroscopyBulkSimpleAnnotations
+    from pydicom.dataelem import DataElement
 
     to_slide = hd.spatial.ImageToReferenceTransformer.for_image(source, for_total_pixel_matrix=True)
     annotation_groups = []
@@ -235,21 +266,16 @@ def write_annotations(
                 points = to_slide(points)
             graphic.append(points)
         measurements = []
-        for name, values in (("cell_id", spec.cell_ids), ("roi_id", spec.roi_ids)):
+        for concept, values in zip(_id_concepts(spec), (spec.cell_ids, spec.roi_ids), strict=True):
             if values is not None:
-                measurements.append(
-                    Measurements(
-                        name=_code(name),
-                        values=np.asarray(values, dtype=np.float32),
-                        unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
-                    )
-                )
+                unit = hd.sr.CodedConcept("1", "UCUM", "no units")
+                measurements.append(Measurements(name=concept, values=np.asarray(values, dtype=np.float32), unit=unit))
         annotation_groups.append(
             AnnotationGroup(
                 number=number,
                 uid=generate_uid(),
                 label=spec.label,
-                annotated_property_category=_code("cell"),
+                annotated_property_category=_code(("91723000", "SCT", "Anatomical structure")),
                 annotated_property_type=_code(spec.property_type),
                 graphic_type=spec.graphic_type,
                 graphic_data=graphic,
@@ -262,15 +288,18 @@ def write_annotations(
         source_images=[source],
         annotation_coordinate_type=coordinates,
         annotation_groups=annotation_groups,
-        series_instance_uid=series_uid or generate_uid(),
-        series_number=10,
+        series_instance_uid=generate_uid(),
+        series_number=33,
         sop_instance_uid=generate_uid(),
         instance_number=1,
         manufacturer="cytomil tests",
         manufacturer_model_name="dicom_fixtures",
         software_versions="1",
         device_serial_number="0",
+        series_description=series_description,
     )
+    if session is not None:
+        annotations.add(DataElement(0x00120071, "LO", session))  # Clinical Trial Series ID
     path.parent.mkdir(parents=True, exist_ok=True)
     annotations.save_as(path, enforce_file_format=True)
     return annotations

@@ -20,16 +20,22 @@ DISCS = [
     Disc(105, (220, 100, 250, 130), (180, 120, 170)),
     Disc(106, (330, 340, 360, 370), (50, 80, 160)),
     Disc(107, (400, 420, 430, 450), (200, 160, 200)),
+    Disc(108, (440, 40, 470, 70), (150, 90, 90)),  # outside both ROIs: an unlabelled detection
 ]
 ROIS = {1: (32, 40, 272, 240), 2: (320, 330, 480, 470)}
 ROI_OF = {101: 1, 102: 1, 103: 1, 104: 1, 105: 1, 106: 2, 107: 2}
+# Coded types as the IDC conversion of the dataset writes them beside the raw label.
+MYELOBLAST = ("15622002", "SCT", "Myeloblast")
+LYMPHOCYTE = ("56972008", "SCT", "Lymphocyte")
+MONOCYTE = ("55918008", "SCT", "Monocyte")
+HAEMATOLOGICAL = ("414387006", "SCT", "Structure of haematological system")
 
 
 def _by_id(ids):
     return [d for d in DISCS if d.cell_id in ids]
 
 
-def _group(label, ids, *, property_type="cell", graphic_type="POLYGON", with_roi=True):
+def _group(label, ids, *, property_type="cell", graphic_type="POLYGON", with_roi=True, id_style="idc"):
     discs = _by_id(ids)
     return GroupSpec(
         label=label,
@@ -38,6 +44,7 @@ def _group(label, ids, *, property_type="cell", graphic_type="POLYGON", with_roi
         cell_ids=[d.cell_id for d in discs],
         roi_ids=[ROI_OF[d.cell_id] for d in discs] if with_roi else None,
         graphic_type=graphic_type,
+        id_style=id_style,
     )
 
 
@@ -47,23 +54,40 @@ def pixels():
 
 
 def _cohort_with_consensus(root, pixels):
+    """The layout of the IDC conversion: one annotation object per session (consensus, session 1,
+    detection-only) plus one of ROI rectangles; groups are named by raw label and carry ids as measurements."""
     slide = write_slide(root / "slides" / "P001", pixels, patient_id="P001")
-    groups = [
-        GroupSpec(
-            label="ROI",
-            property_type="region of interest",
-            boxes=list(ROIS.values()),
-            roi_ids=list(ROIS),
-            graphic_type="RECTANGLE",
-        ),
-        _group("consensus: myelocytic_blast", [101, 102, 103]),
-        _group("consensus: lymphocyte", [104, 106], graphic_type="RECTANGLE"),
-        _group("consensus: no_consensus_found", [107]),
-        _group("session 1: myelocytic_blast", [101, 102]),
-        _group("session 1: monocyte", [103, 104]),
-        _group("unlabelled cells", [105]),
+    rois = GroupSpec(
+        label="region_of_interest",
+        property_type=("111099", "DCM", "Selected region"),
+        boxes=list(ROIS.values()),
+        roi_ids=list(ROIS),
+        graphic_type="RECTANGLE",
+        is_roi=True,
+    )
+    write_annotations(root / "ann" / "rois.dcm", slide.base, [rois], series_description="Monolayer regions of interest")
+    consensus = [
+        _group("myelocytic_blast", [101, 102, 103], property_type=MYELOBLAST),
+        _group("lymphocyte", [104, 106], property_type=LYMPHOCYTE, graphic_type="RECTANGLE"),
+        _group("no_consensus_found", [107], property_type=HAEMATOLOGICAL),
     ]
-    write_annotations(root / "ann" / "P001_ann.dcm", slide.base, groups)
+    write_annotations(root / "ann" / "consensus.dcm", slide.base, consensus, session="consensus")
+    session_1 = [
+        _group("myelocytic_blast", [101, 102], property_type=MYELOBLAST),
+        _group("monocyte", [103, 104], property_type=MONOCYTE),
+    ]
+    write_annotations(root / "ann" / "session1.dcm", slide.base, session_1, session="1")
+    detections = [
+        _group("haematological_structure", [105], property_type=HAEMATOLOGICAL),
+        _group("haematological_structure", [108], property_type=HAEMATOLOGICAL, with_roi=False),
+    ]
+    write_annotations(
+        root / "ann" / "detections.dcm",
+        slide.base,
+        detections,
+        session="detection-only",
+        series_description="Unlabeled cell bounding boxes",
+    )
     return slide
 
 
@@ -79,8 +103,10 @@ def test_consensus_labels_boxes_and_roi_pixels(tmp_path, pixels):
     rows = {r["cell_id"]: r for r in cells.rows}
     assert sorted(rows) == [str(d.cell_id) for d in DISCS]
     expected_raw = {101: "myelocytic_blast", 102: "myelocytic_blast", 103: "myelocytic_blast", 104: "lymphocyte"}
-    expected_raw |= {105: "", 106: "lymphocyte", 107: "no_consensus_found"}
+    expected_raw |= {105: "", 106: "lymphocyte", 107: "no_consensus_found", 108: ""}
     expected_label = {"myelocytic_blast": "myeloblast", "lymphocyte": "lymphocyte", "no_consensus_found": "drop"}
+    # A cell outside every ROI gets a region of its own: its box padded by 32 px, clipped to the slide.
+    rois = ROIS | {rows["108"]["roi_id"]: (440 - 32, 40 - 32, 470 + 32, 70 + 32)}
     for disc in DISCS:
         row = rows[str(disc.cell_id)]
         raw = expected_raw[disc.cell_id]
@@ -89,8 +115,9 @@ def test_consensus_labels_boxes_and_roi_pixels(tmp_path, pixels):
         assert row["label"] == expected_label.get(raw, "")
         assert row["source"] == "idc"
         assert row["label_source"] == "consensus"
-        assert row["roi_id"] == str(ROI_OF[disc.cell_id])
-        rx0, ry0 = ROIS[ROI_OF[disc.cell_id]][:2]
+        roi_id = ROI_OF.get(disc.cell_id, rows["108"]["roi_id"])
+        assert row["roi_id"] == str(roi_id)
+        rx0, ry0 = rois[roi_id][:2]
         x0, y0, x1, y1 = disc.box
         assert (row["x0"], row["y0"], row["x1"], row["y1"]) == (x0 - rx0, y0 - ry0, x1 - rx0, y1 - ry0)
         # The ROI PNG holds the slide's pixels, so the cell's crop equals the drawn disc region.
@@ -102,7 +129,7 @@ def test_consensus_labels_boxes_and_roi_pixels(tmp_path, pixels):
     assert rows["103"]["label_session_1"] == "monocyte"
     assert rows["106"]["label_session_1"] == ""
 
-    for roi_id, (x0, y0, x1, y1) in ROIS.items():
+    for roi_id, (x0, y0, x1, y1) in rois.items():
         image_path = next(r["image_path"] for r in cells.rows if r["roi_id"] == str(roi_id))
         assert image_path.startswith(str(out / "rois"))
         with Image.open(image_path) as im:
@@ -120,9 +147,9 @@ def test_consensus_labels_boxes_and_roi_pixels(tmp_path, pixels):
 def test_3d_coordinates_sessions_only_and_auto_roi(tmp_path, pixels):
     slide = write_slide(tmp_path / "in" / "slide", pixels, patient_id="P002", diagnosis="ALL")
     groups = [
-        _group("Session 1 - Lymphocytic Blast", [101, 102, 103], with_roi=False),
-        _group("Session 2 - Lymphocytic Blast", [101, 102], with_roi=False),
-        _group("Session 2 - Prolymphocyte", [103], with_roi=False),
+        _group("Session 1 - Lymphocytic Blast", [101, 102, 103], with_roi=False, id_style="plain"),
+        _group("Session 2 - Lymphocytic Blast", [101, 102], with_roi=False, id_style="plain"),
+        _group("Session 2 - Prolymphocyte", [103], with_roi=False, id_style="plain"),
     ]
     write_annotations(tmp_path / "in" / "ann" / "a.dcm", slide.base, groups, coordinates="3D")
     cells, patients = read_idc(tmp_path / "in", label_map=None, out_dir=tmp_path / "out", roi_padding=8)

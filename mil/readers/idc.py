@@ -32,12 +32,20 @@ log = logging.getLogger("mil.readers.idc")
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 ANN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.91.1"
 CLINICAL_COLUMNS = ("patient_id", "leukemia_type")
-# Concepts that say "a cell" without saying which type: such boxes are cells with no label.
+# Words of concepts that say "a cell" without saying which type (the IDC conversion writes unlabelled boxes
+# as 'haematological_structure', "Structure of haematological system"): such boxes are cells with no label.
 GENERIC_WORDS = {"cell", "cells", "nucleated", "blood", "unlabelled", "unlabeled", "unclassified", "all", "none"}
-GENERIC_WORDS |= {"annotation", "annotations", "box", "boxes", "bounding"}
-CELL_ID_NAMES = {"cell_id", "cellid", "cell_identifier", "cell_number", "cell_index"}
+GENERIC_WORDS |= {"annotation", "annotations", "box", "boxes", "bounding", "detection", "only", "of", "system"}
+GENERIC_WORDS |= {"structure", "haematological", "hematological"}
+# Measurement concepts that carry identifiers. The IDC conversion uses EFO "single cell identifier" (older
+# releases DCM "Identifier") for cells, DCM "Referenced Region of Interest Identifier" for a cell's ROI and
+# DCM "Image Region" for the ROI rectangles' own ids.
+CELL_ID_NAMES = {"cell_id", "cellid", "cell_identifier", "single_cell_identifier", "identifier", "cell_number"}
 ROI_ID_NAMES = {"roi_id", "roiid", "roi_identifier", "roi_number", "region_of_interest_identifier"}
-ROI_GROUP = re.compile(r"^(roi|rois|region_of_interest|regions_of_interest|field_of_view)(_\d+)?$")
+ROI_ID_NAMES |= {"referenced_region_of_interest_identifier", "image_region"}
+ROI_GROUP = re.compile(
+    r"^(roi|rois|region_of_interest|regions_of_interest|field_of_view|monolayer|selected_region)(_\d+)?$"
+)
 SESSION = re.compile(r"(?:session|annotator|rater|reader)[\s_\-#]*(\d+)", re.IGNORECASE)
 SESSION_TOKENS = re.compile(
     r"(?<![a-z])(?:(?:session|annotator|rater|reader)[\s_\-#]*\d+|consensus|labels?|group)(?![a-z])", re.IGNORECASE
@@ -73,7 +81,7 @@ class Cell:
     cell_id: str | None
     roi_id: str | None
     labels: dict[str, str] = field(default_factory=dict)  # session key ('consensus', 'session_1', '') -> raw
-    where: str = ""
+    where: dict[str, str] = field(default_factory=dict)  # session key -> file, group and index it came from
 
 
 def _scan(root: Path) -> tuple[dict[str, SlideSeries], list[Path]]:
@@ -150,11 +158,22 @@ def _identifiers(group, names: set[str]) -> list[str | None] | None:
     return None
 
 
-def _session_of(text: str) -> str:
+def _session_in(text: str) -> str | None:
+    """'consensus', 'session_N', or None when the text names no annotation session."""
     if "consensus" in NO_CONSENSUS.sub(" ", text).lower():
         return "consensus"
     match = SESSION.search(text)
-    return f"session_{int(match.group(1))}" if match else ""
+    return f"session_{int(match.group(1))}" if match else None
+
+
+def _session_of_file(ann) -> str:
+    """The IDC conversion writes one annotation object per session and names it in ClinicalTrialSeriesID
+    ('consensus', '1', '2', 'detection-only') and in the series description; '' when none is named."""
+    trial_series = str(getattr(ann, "ClinicalTrialSeriesID", "") or "").strip()
+    if trial_series.isdigit():
+        return f"session_{int(trial_series)}"
+    texts = [trial_series] + [str(getattr(ann, k, "") or "") for k in ("SeriesDescription", "ContentDescription")]
+    return next((s for s in map(_session_in, texts) if s), "")
 
 
 def _known_in(text: str, label_map: LabelMap) -> str | None:
@@ -167,7 +186,9 @@ def _known_in(text: str, label_map: LabelMap) -> str | None:
 def _raw_label(group, label_map: LabelMap) -> str:
     """The group's cell type as a raw label: '' for a generic 'cell' group; unknown names stay for the check."""
     meaning = str(group.annotated_property_type.meaning)
-    texts = [meaning, group.label, str(getattr(group, "AnnotationGroupDescription", "") or "")]
+    # The group label first: the IDC conversion writes the dataset's own raw label there, the coded type
+    # beside it is a coarser SNOMED concept ('myelocytic_blast' -> "Myeloblast").
+    texts = [group.label, meaning, str(getattr(group, "AnnotationGroupDescription", "") or "")]
     for text in texts:
         if label_map.lookup(text) is not None:
             return normalize_label(text)
@@ -212,6 +233,7 @@ def _read_annotations(
         return None, [], {}
     cells: list[Cell] = []
     rois: dict[str, np.ndarray] = {}
+    file_session = _session_of_file(ann)
     for group in ann.get_annotation_groups():
         where = f"{path.name} group {group.number} ({group.label!r})"
         if group.graphic_type.value == "POINT":
@@ -219,17 +241,18 @@ def _read_annotations(
             continue
         points = _to_level0(ann, group, slide, referenced)
         boxes = [np.array([p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()]) for p in points]
-        roi_ids = _identifiers(group, ROI_ID_NAMES) or [None] * len(boxes)
         if _is_roi_group(group):
+            roi_ids = _identifiers(group, ROI_ID_NAMES | {"identifier"}) or [None] * len(boxes)
             for i, box in enumerate(boxes):
                 rois[roi_ids[i] or f"{group.number}.{i + 1}"] = box
             continue
+        roi_ids = _identifiers(group, ROI_ID_NAMES) or [None] * len(boxes)
         cell_ids = _identifiers(group, CELL_ID_NAMES) or [None] * len(boxes)
-        session = _session_of(f"{group.label} {getattr(group, 'AnnotationGroupDescription', '')}")
+        session = _session_in(f"{group.label} {getattr(group, 'AnnotationGroupDescription', '')}") or file_session
         raw = _raw_label(group, label_map)
         for i, box in enumerate(boxes):
-            cell = Cell(box=box, cell_id=cell_ids[i], roi_id=roi_ids[i], where=f"{where} annotation {i + 1}")
-            cell.labels[session] = raw
+            cell = Cell(box=box, cell_id=cell_ids[i], roi_id=roi_ids[i])
+            cell.labels[session], cell.where[session] = raw, f"{where} annotation {i + 1}"
             cells.append(cell)
     return slide, cells, rois
 
@@ -246,11 +269,11 @@ def _merge(cells: list[Cell], problems: Problems) -> list[Cell]:
         for session, raw in cell.labels.items():
             if raw and kept.labels.get(session) and kept.labels[session] != raw:
                 problems.add(
-                    f"{cell.where}: cell {cell.cell_id or key[2]} is labelled {raw!r} here and "
-                    f"{kept.labels[session]!r} in {kept.where}; keep one label per cell and session"
+                    f"{cell.where[session]}: cell {cell.cell_id or key[2]} is labelled {raw!r} here and "
+                    f"{kept.labels[session]!r} in {kept.where[session]}; keep one label per cell and session"
                 )
             elif raw or session not in kept.labels:
-                kept.labels[session] = raw
+                kept.labels[session], kept.where[session] = raw, cell.where[session]
     return list(merged.values())
 
 
@@ -375,7 +398,8 @@ def read_idc(
             entry = per_slide.setdefault(slide.series_uid, (slide, [], {}))
             entry[1].extend(cells)
             entry[2].update(rois)
-    sessions = sorted({s for _, cells, _ in per_slide.values() for c in cells for s in c.labels if s.startswith("ses")})
+    sessions = {s for _, cells, _ in per_slide.values() for c in cells for s in c.labels if s.startswith("session_")}
+    sessions = sorted(sessions, key=lambda s: int(s.split("_")[1]))
     clinical_rows = _clinical(clinical)
     rows, where, patients, to_write = [], [], {}, []
     for slide, cells, rois in per_slide.values():
@@ -389,13 +413,15 @@ def read_idc(
             r: Path(out_dir) / "rois" / f"{_safe(patient['patient_id'])}__{slide_key}__{_safe(r)}.png" for r in regions
         }
         for i, cell in enumerate(cells):
+            chosen = source if cell.labels.get(source) else ""
+            place = cell.where.get(chosen) or next(iter(cell.where.values()))
             rx0, ry0, rx1, ry1 = regions[cell.roi_id]
             # Edges a quarter pixel off an integer are that integer (3D coordinates come back as floats).
             x0, y0 = (math.floor(v + 0.25) for v in cell.box[:2])
             x1, y1 = (math.ceil(v - 0.25) for v in cell.box[2:])
             box = (max(x0, rx0) - rx0, max(y0, ry0) - ry0, min(x1, rx1) - rx0, min(y1, ry1) - ry0)
             if box[2] <= box[0] or box[3] <= box[1]:
-                problems.add(f"{cell.where}: box ({x0},{y0},{x1},{y1}) has no pixel inside the slide or its ROI")
+                problems.add(f"{place}: box ({x0},{y0},{x1},{y1}) has no pixel inside the slide or its ROI")
                 continue
             labels = {s: cell.labels.get(s, "") for s in sessions}
             rows.append(
@@ -404,7 +430,7 @@ def read_idc(
                     patient_id=patient["patient_id"],
                     image=pngs[cell.roi_id],
                     box=box,
-                    raw_label=cell.labels.get(source) or cell.labels.get("", ""),
+                    raw_label=cell.labels.get(chosen, ""),
                     source="idc",
                     slide_id=slide.slide_id,
                     roi_id=cell.roi_id,
@@ -412,7 +438,7 @@ def read_idc(
                     **{f"label_{s}": raw for s, raw in labels.items()},
                 )
             )
-            where.append(cell.where)
+            where.append(place)
         to_write.append((slide, regions, pngs))
     apply_labels(rows, label_map, where, problems)
     problems.raise_if_any()
