@@ -222,3 +222,7 @@ class Encoder(torch.nn.Module):
 
     def cell_probs(self, x: torch.Tensor) -> torch.Tensor | None:
         return None
+
+    def embed_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B,embed_dim) features and (B,C) cell probabilities or None; classifiers do both in one pass."""
+        return self(x), self.cell_probs(x)

@@ -8,7 +8,6 @@ size, mean, std and interpolation come from timm's pretrained cfg (resolve_model
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -177,8 +176,7 @@ def hf_timm(arch: str, tag: str, *, weights: str | None, input_size: int | None)
     import timm
 
     check_arch(arch)
-    # Never reach for the network: a missing file must fail fast with instructions, not hang on a socket.
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    # Only the local cache is looked at: a missing file fails fast with instructions, never hangs on a socket.
     cfg = timm.models.get_pretrained_cfg(arch)
     hf_hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     cached = _cached_hf_file(hf_hub_id, weights) if hf_hub_id else None
@@ -190,9 +188,9 @@ def hf_timm(arch: str, tag: str, *, weights: str | None, input_size: int | None)
             f"cache on a machine with network access (`huggingface-cli download {hf_hub_id or 'timm/' + arch}`) "
             f"and copy it here"
         )
-    model = timm.create_model(arch, pretrained=True, num_classes=0, cache_dir=weights)
-    if input_size is not None and model.pretrained_cfg.get("fixed_input_size", False):
-        model = timm.create_model(arch, pretrained=True, num_classes=0, cache_dir=weights, img_size=input_size)
+    # Load the cached file directly (timm's `file` source): no hub call, not even a revision check.
+    kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(cached)}}
+    model = build_timm_model(arch, input_size=input_size, **kwargs)
     config = timm_config(
         model,
         name=f"{arch}.{tag}",
