@@ -38,17 +38,19 @@ class CompareResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _check_heads(names: list[str]) -> dict[str, str]:
+def _check_heads(config: CompareConfig) -> dict[str, str]:
     from mil.heads import list_heads
 
     kinds, unknown = {}, []
-    for name in names:
+    for name in config.heads:
         if is_count_head(name):
             kinds[name] = "count"
         elif name in list_heads():
             kinds[name] = "attention"
         else:
             unknown.append(name)
+    unknown += [f"{n} (in count_heads options)" for n in config.count_heads if not is_count_head(n)]
+    unknown += [f"{n} (in attention_heads options)" for n in config.attention_heads if n not in list_heads()]
     if unknown:
         raise ConfigError(
             f"unknown head(s) {unknown}; count heads: {', '.join(list_count_heads())}; "
@@ -128,7 +130,7 @@ def run_compare(
     out.mkdir(parents=True, exist_ok=True)
     if config.wandb != "disabled":
         os.environ["WANDB_MODE"] = config.wandb  # offline/online only when asked; never a login prompt
-    kinds = _check_heads(config.heads)
+    kinds = _check_heads(config)
     directory = BagDirectory(bags)
     directory.check_consistent()
     bag_patients = directory.patients()
