@@ -68,8 +68,10 @@ def cell_counts(bag, source: str) -> tuple[np.ndarray, list[str]]:
     probs = np.asarray(bag.cell_probs, dtype=np.float64)
     classes = prob_classes(bag)
     if len(classes) != probs.shape[1]:
-        raise InputError(f"bag of patient {bag.patient_id!r}: cell_probs has {probs.shape[1]} columns, "
-                         f"but {len(classes)} class names are recorded")  # fmt: skip
+        raise InputError(
+            f"bag of patient {bag.patient_id!r}: cell_probs has {probs.shape[1]} columns, "
+            f"but {len(classes)} class names are recorded"
+        )
     if source == "hard":
         return np.bincount(probs.argmax(axis=1), minlength=len(classes)).astype(np.float64), classes
     return probs.sum(axis=0), classes
@@ -144,8 +146,13 @@ def _group_matrix(classes: list[str], groups: dict[str, tuple[str, ...]]) -> tup
     return matrix, names
 
 
-def build_count_data(bags: dict[str, object], *, source: str = "truth", group_by: dict | None = None,
-                     groups: dict[str, tuple[str, ...]] | None = None) -> CountData:  # fmt: skip
+def build_count_data(
+    bags: dict[str, object],
+    *,
+    source: str = "truth",
+    group_by: dict | None = None,
+    groups: dict[str, tuple[str, ...]] | None = None,
+) -> CountData:
     """Count data of every patient of `bags` (patient id -> Bag).
 
     `group_by`: when given, shares are over these groups (+ 'ungrouped') instead of the classes.

@@ -78,9 +78,12 @@ class ForestCountHead(CountHead):
         from sklearn.ensemble import RandomForestClassifier
 
         return RandomForestClassifier(
-            n_estimators=self.n_estimators, min_samples_leaf=self.min_samples_leaf, class_weight="balanced",
-            random_state=self.seed, n_jobs=1,
-        )  # fmt: skip
+            n_estimators=self.n_estimators,
+            min_samples_leaf=self.min_samples_leaf,
+            class_weight="balanced",
+            random_state=self.seed,
+            n_jobs=1,
+        )
 
 
 @register_count_head("count.gb")
@@ -95,9 +98,11 @@ class BoostingCountHead(CountHead):
         from sklearn.ensemble import GradientBoostingClassifier
 
         return GradientBoostingClassifier(
-            n_estimators=self.n_estimators, max_depth=self.max_depth, learning_rate=self.learning_rate,
+            n_estimators=self.n_estimators,
+            max_depth=self.max_depth,
+            learning_rate=self.learning_rate,
             random_state=self.seed,
-        )  # fmt: skip
+        )
 
 
 @register_count_head("count.ratio")
@@ -121,9 +126,11 @@ class RatioRuleCountHead(CountHead):
         from sklearn.tree import DecisionTreeClassifier
 
         return DecisionTreeClassifier(
-            max_leaf_nodes=max(2, self.num_classes), min_samples_leaf=self.min_samples_leaf,
-            class_weight="balanced", random_state=self.seed,
-        )  # fmt: skip
+            max_leaf_nodes=max(2, self.num_classes),
+            min_samples_leaf=self.min_samples_leaf,
+            class_weight="balanced",
+            random_state=self.seed,
+        )
 
     def thresholds(self) -> list[float]:
         """The fitted cut points on the share, in increasing order (for reports)."""
