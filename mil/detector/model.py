@@ -1,0 +1,221 @@
+"""Faster R-CNN cell detector: a timm backbone with an FPN, chosen by name from a small registry.
+
+Light backbones train on a CPU (`mobilenetv3_large_fpn`, `resnet18_fpn`, or `efficientnet_lite0_fpn` with the
+offline ImageNet weights); `resnet50_fpn` is the heavier choice for a GPU. Images are scaled by the config's
+`pixel_scale` outside the network and never resized inside it, so a whole image and a tile of a large field are
+seen at the same scale (tiled inference depends on that).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mil.atomic import atomic_path
+from mil.errors import ConfigError, InputError
+
+CHECKPOINT_FORMAT = "cytomil-detector/1"
+
+
+@dataclass
+class DetectorConfig:
+    """The detector's architecture and inference settings; saved inside every checkpoint."""
+
+    backbone: str = "mobilenetv3_large_fpn"
+    init: str = "random"  # 'imagenet' for efficientnet_lite0_fpn (the offline ImageNet weights)
+    classes: tuple[str, ...] = ("cell",)  # ("cell",) = class-agnostic; otherwise the cell table's labels
+    pixel_scale: float = 1.0  # images are resized by this factor before the network sees them
+    smallest_anchor: int = 16  # anchor side on the finest FPN level; doubles per level
+    fpn_channels: int = 128
+    box_head_dim: int = 256  # torchvision's 1024 is sized for 80 COCO classes; cells need fewer
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5
+    detections_per_image: int = 300
+
+    def __post_init__(self) -> None:
+        self.classes = tuple(self.classes)
+        if not self.classes:
+            raise ConfigError("a detector needs at least one class; use ('cell',) for class-agnostic detection")
+        if not 0 < self.pixel_scale <= 4:
+            raise ConfigError(f"pixel_scale {self.pixel_scale} must lie in (0, 4]")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DetectorConfig:
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"unknown detector config key(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    timm_arch: str
+    out_indices: tuple[int, ...]  # timm feature levels fed to the FPN (2, 3, 4 = strides 8, 16, 32)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    inits: tuple[str, ...] = ("random",)
+    extra: dict = field(default_factory=dict)
+
+
+_BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(name: str) -> Callable[[Callable[[], BackboneSpec]], Callable[[], BackboneSpec]]:
+    """Decorator: the function returns the BackboneSpec registered under `name`; a duplicate name is an error."""
+
+    def wrap(fn: Callable[[], BackboneSpec]) -> Callable[[], BackboneSpec]:
+        if name in _BACKBONES:
+            raise ConfigError(f"detector backbone {name!r} is registered twice")
+        _BACKBONES[name] = fn()
+        return fn
+
+    return wrap
+
+
+def list_backbones() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    if name not in _BACKBONES:
+        raise ConfigError(f"unknown detector backbone {name!r}; choose one of {list_backbones()}")
+    return _BACKBONES[name]
+
+
+@register_backbone("mobilenetv3_large_fpn")
+def _mobilenet() -> BackboneSpec:
+    return BackboneSpec("mobilenetv3_large_fpn", "mobilenetv3_large_100", (2, 3, 4))
+
+
+@register_backbone("resnet18_fpn")
+def _resnet18() -> BackboneSpec:
+    return BackboneSpec("resnet18_fpn", "resnet18", (1, 2, 3, 4))
+
+
+@register_backbone("resnet50_fpn")
+def _resnet50() -> BackboneSpec:
+    return BackboneSpec("resnet50_fpn", "resnet50", (1, 2, 3, 4))
+
+
+@register_backbone("efficientnet_lite0_fpn")
+def _lite0() -> BackboneSpec:
+    # [-1, 1] inputs: the normalization the EfficientNet-Lite0 ImageNet weights were trained with.
+    return BackboneSpec(
+        "efficientnet_lite0_fpn", "tf_efficientnet_lite0", (2, 3, 4), (0.5,) * 3, (0.5,) * 3, ("random", "imagenet")
+    )
+
+
+@register_backbone("tiny_fpn")
+def _tiny() -> BackboneSpec:
+    # timm's 100k-parameter test network: for tests and smoke runs only.
+    return BackboneSpec("tiny_fpn", "test_efficientnet", (2, 3, 4))
+
+
+class TimmFPN(nn.Module):
+    """timm feature levels -> FPN maps (+ a max-pooled level), the input torchvision's Faster R-CNN expects."""
+
+    def __init__(self, *, spec: BackboneSpec, fpn_channels: int, init: str) -> None:
+        import timm
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+        super().__init__()
+        if init not in spec.inits:
+            raise ConfigError(f"backbone {spec.name!r} supports init {list(spec.inits)}, not {init!r}")
+        self.body = timm.create_model(
+            spec.timm_arch, pretrained=False, features_only=True, out_indices=spec.out_indices
+        )
+        if init == "imagenet":
+            from mil.classifier.model import lite0_imagenet_state_dict
+
+            missing, _ = self.body.load_state_dict(lite0_imagenet_state_dict(), strict=False)
+            if missing:
+                raise ConfigError(f"EfficientNet-Lite0 weights miss backbone tensors {missing[:5]}")
+            # Batches of a few images make BatchNorm statistics noise: keep the ImageNet ones.
+            self.body = timm.layers.freeze_batch_norm_2d(self.body)
+        self.fpn = FeaturePyramidNetwork(
+            self.body.feature_info.channels(), fpn_channels, extra_blocks=LastLevelMaxPool()
+        )
+        self.out_channels = fpn_channels
+        self.num_levels = len(spec.out_indices) + 1
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        feats = self.body(x)  # list of (B, C_l, H/s_l, W/s_l)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))  # + "pool" level
+
+
+def build_detector(config: DetectorConfig) -> nn.Module:
+    """torchvision FasterRCNN on the configured backbone; the internal resize is switched off (see module doc)."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    class FixedScaleTransform(GeneralizedRCNNTransform):
+        def resize(self, image, target=None):
+            return image, target
+
+    spec = backbone_spec(config.backbone)
+    backbone = TimmFPN(spec=spec, fpn_channels=config.fpn_channels, init=config.init)
+    sizes = tuple(
+        (config.smallest_anchor * 2**i, int(config.smallest_anchor * 2**i * 1.5)) for i in range(backbone.num_levels)
+    )
+    anchors = AnchorGenerator(sizes=sizes, aspect_ratios=((0.5, 1.0, 2.0),) * backbone.num_levels)
+    model = FasterRCNN(
+        backbone,
+        rpn_anchor_generator=anchors,
+        box_head=TwoMLPHead(config.fpn_channels * 7 * 7, config.box_head_dim),  # 7x7 RoIAlign output
+        box_predictor=FastRCNNPredictor(config.box_head_dim, len(config.classes) + 1),  # + background
+        box_score_thresh=config.score_threshold,
+        box_nms_thresh=config.nms_iou,
+        box_detections_per_img=config.detections_per_image,
+        image_mean=list(spec.mean),
+        image_std=list(spec.std),
+    )
+    model.transform = FixedScaleTransform(
+        min_size=1, max_size=1, image_mean=list(spec.mean), image_std=list(spec.std), size_divisible=32
+    )
+    return model
+
+
+def save_detector(path: str | Path, *, model: nn.Module, config: DetectorConfig, extra: dict | None = None) -> Path:
+    """Atomic checkpoint: plain dict of config, tensors and numbers, so it loads with weights_only=True."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    cfg = asdict(config)
+    cfg["classes"] = list(config.classes)
+    payload = {"format": CHECKPOINT_FORMAT, "config": cfg, "state_dict": state, "extra": extra or {}}
+
+    def validate(tmp: Path) -> None:
+        back = torch.load(tmp, map_location="cpu", weights_only=True)
+        if back.get("format") != CHECKPOINT_FORMAT or len(back["state_dict"]) != len(state):
+            raise OSError(f"detector checkpoint {path} did not read back")
+
+    with atomic_path(path, validate) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_detector(path: str | Path) -> tuple[nn.Module, DetectorConfig]:
+    """(model in eval mode, config) from a checkpoint of `save_detector`."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"detector checkpoint {path} does not exist; train one with `mil train-detector`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, pickled code, not a torch file
+        raise InputError(f"detector checkpoint {path} cannot be read ({type(e).__name__}: {e}); retrain it") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint; write it with `mil train-detector`")
+    config = DetectorConfig.from_dict(dict(ckpt["config"], init="random"))  # the weights come from the file
+    model = build_detector(config)
+    model.load_state_dict(ckpt["state_dict"])
+    config.init = ckpt["config"].get("init", "random")
+    return model.eval(), config
