@@ -39,6 +39,7 @@ class Slide:
     base: Dataset  # the level-0 dataset (what annotations reference)
     pixels: np.ndarray  # (H, W, 3) uint8 level-0 pixels
     files: list[Path] = field(default_factory=list)
+    levels: list[Dataset] = field(default_factory=list)  # level k is downsampled 2**k
 
 
 def draw_discs(size: int, discs: list[Disc]) -> np.ndarray:
@@ -188,6 +189,7 @@ def write_slide(
         path = folder / f"level{k}.dcm"
         ds.save_as(path, enforce_file_format=True)
         slide.files.append(path)
+        slide.levels.append(ds)
         if k == 0:
             slide.base = ds
     return slide
@@ -261,7 +263,8 @@ def write_annotations(
     for number, spec in enumerate(groups, start=1):
         graphic = []
         for box in spec.boxes:
-            points = _corners(box)
+            # A POINT "box" is the point (x, y) itself.
+            points = np.array([box], np.float64) if spec.graphic_type == "POINT" else _corners(box)
             if coordinates == "3D":
                 points = to_slide(points)
             graphic.append(points)

@@ -175,9 +175,31 @@ def test_out_dir_required(tmp_path):
         read_idc(tmp_path, label_map=None, out_dir=None)
 
 
-def test_unknown_label_and_missing_slide_are_listed(tmp_path, pixels):
+def test_2d_coordinates_of_a_lower_level_are_scaled_to_level_0(tmp_path, pixels):
+    slide = write_slide(tmp_path / "in" / "slide", pixels, patient_id="P005")
+    halved = GroupSpec(
+        label="myelocytic_blast",
+        boxes=[tuple(v / 2 for v in d.box) for d in _by_id([101, 103])],
+        cell_ids=[101, 103],
+        roi_ids=[1, 1],
+    )
+    rois = GroupSpec(label="region_of_interest", boxes=[tuple(v / 2 for v in ROIS[1])], roi_ids=[1], is_roi=True)
+    write_annotations(tmp_path / "in" / "a.dcm", slide.levels[1], [rois, halved], session="consensus")
+    cells, _ = read_idc(tmp_path / "in", label_map=None, out_dir=tmp_path / "out")
+    rx0, ry0 = ROIS[1][:2]
+    boxes = {r["cell_id"]: (r["x0"] + rx0, r["y0"] + ry0, r["x1"] + rx0, r["y1"] + ry0) for r in cells.rows}
+    assert boxes == {str(d.cell_id): d.box for d in _by_id([101, 103])}
+
+
+def test_bad_annotations_are_listed_together(tmp_path, pixels):
     slide = write_slide(tmp_path / "in" / "slide", pixels, patient_id="P003")
-    write_annotations(tmp_path / "in" / "ann.dcm", slide.base, [_group("consensus: alien_cell", [101, 102])])
+    groups = [
+        _group("consensus: alien_cell", [101, 102]),
+        _group("consensus: lymphocyte", [102]),  # cell 102 again, with another consensus label
+        _group("consensus: lymphocyte", [104], graphic_type="POINT"),
+    ]
+    groups[2].boxes = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in groups[2].boxes]
+    write_annotations(tmp_path / "in" / "ann.dcm", slide.base, groups)
     # An annotation object over a slide that is not in the input folder.
     other = write_slide(tmp_path / "elsewhere", pixels[:256, :256], patient_id="P004", levels=1)
     write_annotations(tmp_path / "in" / "orphan.dcm", other.base, [_group("consensus: lymphocyte", [101])])
@@ -185,8 +207,9 @@ def test_unknown_label_and_missing_slide_are_listed(tmp_path, pixels):
     with pytest.raises(InputError) as error:
         read_idc(tmp_path / "in", label_map=None, out_dir=tmp_path / "out")
     message = str(error.value)
-    assert "ann.dcm group 1 ('consensus: alien_cell') annotation 1" in message
-    assert "alien_cell" in message
+    assert "ann.dcm group 1 ('consensus: alien_cell') annotation 1: label 'alien_cell'" in message
+    assert "cell 102 is labelled 'lymphocyte' here and 'alien_cell'" in message
+    assert "ann.dcm group 3 ('consensus: lymphocyte'): POINT annotations give no box" in message
     assert "orphan.dcm" in message and "--input" in message
     assert not (tmp_path / "out" / "rois").exists()  # nothing written when the input is refused
 
