@@ -28,6 +28,10 @@ patient-folders from <root>/<patient>/ folders plus --patients-csv.
 """
 
 
+# CLI options handed to the reader (flag --patients-csv -> keyword patients_csv).
+READER_OPTIONS = ("patients_csv", "patient_from", "voc_origin", "clinical", "roi_padding", "max_roi_size")
+
+
 def _formats_help() -> str:
     lines = []
     for name in list_readers():
@@ -69,6 +73,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="voc: 1 (default) = VOC devkit 1-based inclusive boxes, stored as x0=xmin-1, x1=xmax; "
         "0 = 0-based boxes, stored as in the file",
     )
+    parser.add_argument(
+        "--clinical",
+        type=Path,
+        help="idc: the ';'-separated clinical CSV (patient_id;age;ncit_concept_code;leukemia_type;leukemia_subtype) "
+        "that gives each patient's diagnosis where the DICOM files do not",
+    )
+    parser.add_argument(
+        "--roi-padding", type=int, help="idc: pixels added around each region of interest read from the slide"
+    )
+    parser.add_argument("--max-roi-size", type=int, help="idc: largest side in pixels of a region read from the slide")
     parser.add_argument(
         "--no-check-images",
         action="store_true",
@@ -113,15 +127,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="note: %(message)s", stream=sys.stderr)
     reader = get_reader(args.format)
     label_map = load_label_map(args.label_map) if args.label_map else None
-    options = {
-        k: v
-        for k, v in (
-            ("patients_csv", args.patients_csv),
-            ("patient_from", args.patient_from),
-            ("voc_origin", args.voc_origin),
-        )
-        if v is not None
-    }
+    # Only options the user gave are passed: a reader that does not take one says so, naming the flag.
+    options = {k: getattr(args, k) for k in READER_OPTIONS if getattr(args, k, None) is not None}
+    if "out_dir" in reader.options:  # readers that write images of their own (idc's ROI PNGs) write them under --out
+        options["out_dir"] = args.out
     cells, patients = reader(args.input, label_map=label_map, **options)
     # Diagnoses are required where the format carries them, and wherever a patients CSV gave any.
     require_diagnosis = reader.carries_diagnosis or any(r.get("diagnosis") for r in patients.rows)
