@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from dicom_fixtures import Disc, GroupSpec, draw_discs, write_annotations, write_slide
@@ -144,7 +146,7 @@ def test_consensus_labels_boxes_and_roi_pixels(tmp_path, pixels):
     validate_cell_table(read_cell_table(out / "cells.csv"), read_patient_table(out / "patients.csv"))
 
 
-def test_3d_coordinates_sessions_only_and_auto_roi(tmp_path, pixels):
+def test_3d_coordinates_sessions_only_and_auto_roi(tmp_path, pixels, caplog):
     slide = write_slide(tmp_path / "in" / "slide", pixels, patient_id="P002", diagnosis="ALL")
     groups = [
         _group("Session 1 - Lymphocytic Blast", [101, 102, 103], with_roi=False, id_style="plain"),
@@ -152,7 +154,9 @@ def test_3d_coordinates_sessions_only_and_auto_roi(tmp_path, pixels):
         _group("Session 2 - Prolymphocyte", [103], with_roi=False, id_style="plain"),
     ]
     write_annotations(tmp_path / "in" / "ann" / "a.dcm", slide.base, groups, coordinates="3D")
-    cells, patients = read_idc(tmp_path / "in", label_map=None, out_dir=tmp_path / "out", roi_padding=8)
+    with caplog.at_level(logging.WARNING, logger="mil.readers.idc"):
+        cells, patients = read_idc(tmp_path / "in", label_map=None, out_dir=tmp_path / "out", roi_padding=8)
+    assert "P002-slide has no consensus annotations; its labels are those of session_1" in caplog.text
 
     assert [p["diagnosis"] for p in patients.rows] == ["ALL"]  # from AdmittingDiagnosesDescription
     rows = {r["cell_id"]: r for r in cells.rows}

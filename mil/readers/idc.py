@@ -119,7 +119,7 @@ def _slide_rows(
     slide: SlideSeries, cells: list[Cell], regions: dict, pngs: dict, patient_id: str, sessions: list[str], problems
 ) -> tuple[list[dict], list[str]]:
     """Cell-table rows of one slide and, for each, the annotation it came from (for the label check)."""
-    source = choose_label_source(cells)
+    source = choose_label_source(cells, slide.slide_id)
     rows, where = [], []
     for i, cell in enumerate(cells):
         chosen = source if cell.labels.get(source) else ""

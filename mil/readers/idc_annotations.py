@@ -260,6 +260,7 @@ def merge_cells(cells: list[Cell], problems: Problems) -> list[Cell]:
             merged[key] = cell
             continue
         kept = merged[key]
+        kept.roi_id = kept.roi_id or cell.roi_id
         for session, raw in cell.labels.items():
             if raw and kept.labels.get(session) and kept.labels[session] != raw:
                 problems.add(
@@ -271,7 +272,7 @@ def merge_cells(cells: list[Cell], problems: Problems) -> list[Cell]:
     return list(merged.values())
 
 
-def choose_label_source(cells: list[Cell]) -> str:
+def choose_label_source(cells: list[Cell], slide: str) -> str:
     """Which session's labels to use: the consensus, else labels given without a session, else the first one."""
     sessions = {s for c in cells for s, raw in c.labels.items() if raw}
     if "consensus" in sessions or not sessions:
@@ -279,5 +280,10 @@ def choose_label_source(cells: list[Cell]) -> str:
     if "" in sessions:
         return ""
     first = min(sessions, key=lambda s: int(s.split("_")[1]))
-    log.warning("no consensus annotation group found; using the labels of %s (other sessions kept as columns)", first)
+    log.warning(
+        "slide %s has no consensus annotations; its labels are those of %s (every session's labels are kept "
+        "in label_session_N columns, and label_source says which one was used)",
+        slide,
+        first,
+    )
     return first
