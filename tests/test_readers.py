@@ -460,3 +460,43 @@ def test_help_describes_every_option(capsys):
     assert "--no-check-images" in text
     for name in BUILTIN:
         assert f"  {name} " in text  # each format listed with its one-line description
+
+
+def test_mil_cells_hands_reader_options_and_out_to_readers_that_take_them(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def read_fake(input, *, label_map=None, out_dir=None, clinical=None, roi_padding=32):
+        """A reader that writes images of its own under --out (as idc writes its ROI PNGs)."""
+        seen.update(input=input, out_dir=out_dir, clinical=clinical, roi_padding=roi_padding)
+        image = png(out_dir / "rois" / "r.png", (16, 16))
+        from mil.cell_table import CellTable, PatientTable
+
+        row = {"cell_id": "c", "patient_id": "p", "image_path": str(image), "x0": 0, "y0": 0, "x1": 8, "y1": 8}
+        return CellTable(rows=[{**row, "label": "", "raw_label": "", "det_score": None, "source": "fake"}]), (
+            PatientTable(rows=[{"patient_id": "p", "diagnosis": "AML"}])
+        )
+
+    spec = reader_registry.ReaderSpec("fake", read_fake, "fake", True, "default")
+    monkeypatch.setitem(reader_registry._READERS, "fake", spec)
+    out = tmp_path / "out"
+    argv = ["cells", "--format", "fake", "--input", str(tmp_path), "--out", str(out), "--clinical", "c.csv"]
+    assert main([*argv, "--roi-padding", "4"]) == 0
+    assert seen == {"input": tmp_path, "out_dir": out, "clinical": Path("c.csv"), "roi_padding": 4}
+    assert (out / "cells.csv").exists()
+    assert main([*argv, "--voc-origin", "0"]) == 2
+    assert "format 'fake' does not take --voc-origin" in capsys.readouterr().err
+
+
+def test_a_synthetic_cohort_reads_through_the_zenodo_reader(tmp_path, capsys):
+    pytest.importorskip("mil.synth.command")
+    synth = ["synth", "--out", str(tmp_path / "synth"), "--seed", "3", "--patients", "3", "--quiet"]
+    small = ["--fields-per-patient", "1", "--cells-per-field", "8", "--field-width", "192", "--field-height", "192"]
+    assert main([*synth, *small]) == 0
+    assert main(["cells", "--format", "zenodo", "--input", str(tmp_path / "synth"), "--out", str(tmp_path / "c")]) == 0
+    cells, patients = read_cell_table(tmp_path / "c" / "cells.csv"), read_patient_table(tmp_path / "c" / "patients.csv")
+    assert len(patients) == 3 and set(patients.diagnoses()) <= {"ALL", "AML", "CML"}
+    classes = set(load_label_map().classes) | {"drop", ""}
+    assert {r["label"] for r in cells.rows} <= classes
+    assert all(r["auer_rod"] in ("0", "1") for r in cells.rows)  # the cue's ground truth passes through
+    with open(tmp_path / "synth" / "cells.csv") as f:
+        assert len(cells) == sum(1 for _ in f) - 1

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from mil.cell_table import PatientTable
-from mil.errors import InputError, MilError, listing
+from mil.errors import InputError, listing
 from mil.labels import DEFAULT_LABEL_MAP, LabelMap, identity_label_map, load_label_map
 
 log = logging.getLogger("mil.readers")
@@ -32,13 +32,6 @@ class Problems:
         self.items.append(message)
         if hint and hint not in self.hints:
             self.hints.append(hint)
-
-    def absorb(self, error: MilError) -> None:
-        """Keep the listed lines of an error raised by a core check (the patient table's) beside ours."""
-        lines = str(error).splitlines()
-        items = [ln.strip()[2:] for ln in lines if ln.startswith("  - ")]
-        items += [ln.strip() for ln in lines if ln.startswith("  ... and ")]
-        self.items.extend(items or [str(error)])
 
     def __len__(self) -> int:
         return len(self.items)
