@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def is_image(path: Path) -> bool:
 def list_images(root: Path) -> list[Path]:
     """Image files under `root` (recursively, hidden files and folders skipped), sorted for a stable order."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    # followlinks: datasets are often assembled from symlinked folders.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [Path(dirpath) / f for f in filenames if is_image(Path(f))]
     return sorted(found)
@@ -175,7 +177,7 @@ def box_in_image(
     has no pixel inside the image is a wrong annotation, never something to clip into a sliver. With
     `clip=False` (formats whose contract is boxes inside their image) any pixel outside is a problem.
     """
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    x0, y0, x1, y1 = (math.floor(v + 0.5) for v in box)  # half up, not Python's half-to-even
     if x1 <= x0 or y1 <= y0:
         problems.add(f"{where}: box ({x0},{y0},{x1},{y1}) has zero or negative area; fix or delete the annotation")
         return None

@@ -97,7 +97,7 @@ def assign_patients(
         if reason:
             problems.add(f"{image}: patient id {pid!r} (from the {patient_from} name) {reason}; {RENAME}")
             continue
-        if patient_from == "image" and pid in claimed:
+        if patient_from == "image" and pid in claimed and claimed[pid] != image:
             problems.add(
                 f"{image}: patient id {pid!r} (the file stem) is also the stem of {claimed[pid]}; two images "
                 "cannot be one patient by name alone: rename one, or pass --patient-from folder or --patients-csv"

@@ -92,7 +92,7 @@ def read_voc(
             problems.add(f"{xml}: not valid XML ({e}); repair or remove the file")
             continue
         parsed.append((xml, doc, _image_for(xml, doc, root)))
-    images = [image for _, _, image in parsed]
+    images = list(dict.fromkeys(image for _, _, image in parsed))  # two XML files may annotate one image
     assignment, patients = assign_patients(
         images, root, patient_from=patient_from, patients_csv=patients_csv, problems=problems
     )
