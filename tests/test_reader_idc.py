@@ -232,3 +232,20 @@ def test_registered_as_idc(tmp_path, pixels):
     assert len(cells) == len(DISCS)
     with pytest.raises(ConfigError, match="does not take"):
         read_dataset("idc", tmp_path / "in", out_dir=tmp_path / "out", no_such_option=1)
+
+
+def test_mil_cells_command_reads_idc(tmp_path, pixels, capsys):
+    from mil.cli import main
+
+    _cohort_with_consensus(tmp_path / "in", pixels)
+    clinical = tmp_path / "clinical.csv"
+    clinical.write_text("patient_id;age;ncit_concept_code;leukemia_type;leukemia_subtype\nP001;7;C3171;AML;M2\n")
+    out = tmp_path / "out"
+    argv = ["cells", "--format", "idc", "--input", str(tmp_path / "in"), "--out", str(out), "--clinical", str(clinical)]
+    assert main(argv) == 0, capsys.readouterr().err
+    cells = read_cell_table(out / "cells.csv")
+    assert sorted(r["cell_id"] for r in cells.rows) == [str(d.cell_id) for d in DISCS]
+    assert {r["image_path"] for r in cells.rows} <= {str(p) for p in (out / "rois").glob("*.png")}
+    assert [(p["patient_id"], p["diagnosis"]) for p in read_patient_table(out / "patients.csv").rows] == [
+        ("P001", "AML")
+    ]

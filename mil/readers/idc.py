@@ -156,7 +156,15 @@ def read_idc(
     roi_padding: int = 32,
     max_roi_size: int = 2048,
 ) -> tuple[CellTable, PatientTable]:
-    """DICOM bulk simple annotations over DICOM whole-slide images (BoneMarrowWSI on Imaging Data Commons)."""
+    """DICOM bulk simple annotations over DICOM whole-slide images (BoneMarrowWSI on Imaging Data Commons).
+
+    out_dir: ROI images are written to out_dir/rois/ (required: inputs may be read-only).
+    clinical: ';'-separated clinical CSV; diagnosis = leukemia_type, other columns become covariates.
+        Without it (or for a patient it lacks) the diagnosis is the DICOM AdmittingDiagnosesDescription/Code.
+    roi_padding: pixels around the cells of a region made where the annotations give none.
+    max_roi_size: cells without a given ROI are grouped on a grid of this many pixels, so a made region
+        spans at most this plus one cell and the padding on each side.
+    """
     if out_dir is None:
         raise ConfigError(
             "the idc reader writes the pixels of each region of interest as PNG under OUT/rois/ and needs an "
