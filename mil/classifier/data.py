@@ -174,4 +174,4 @@ def _group_part(rows: list[dict], patients: list[str], fraction: float, seed: in
     except ValueError:
         splitter = GroupShuffleSplit(n_splits=1, test_size=n_part, random_state=seed)
         _, part_idx = next(splitter.split(np.zeros(len(rows)), labels, groups))
-    return sorted(set(groups[part_idx]))
+    return sorted({str(g) for g in groups[part_idx]})  # plain str: the split is saved in checkpoints

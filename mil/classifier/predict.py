@@ -8,11 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mil.atomic import atomic_path
 from mil.cell_table import CellTable
-from mil.errors import InputError
-
-CHECKPOINT_FORMAT = "cytomil-classifier/1"
 
 
 @dataclass
@@ -36,71 +32,38 @@ def save_checkpoint(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     class_names: list[str],
+    extra: dict | None = None,
 ) -> Path:
-    """Write the classifier checkpoint (format cytomil-classifier/1) atomically; it loads with weights_only=True.
+    """Write the classifier checkpoint (cytomil-classifier/1) with the encoder package's writer, so the encoder
+    `classifier.file` reads exactly what the classifier wrote; atomic, loads with weights_only=True."""
+    from features.encoders.classifier import save_classifier_checkpoint
 
-    The encoder package's writer is used where it is installed, so the encoder `classifier.file` reads exactly
-    what it writes; the fallback writes the same documented dict.
-    """
-    try:
-        from features.encoders.classifier import save_classifier_checkpoint
-    except ImportError:
-        save_classifier_checkpoint = None
-    state_dict = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    if save_classifier_checkpoint is not None:
-        save_classifier_checkpoint(
-            path,
-            arch=arch,
-            input_size=int(input_size),
-            mean=list(mean),
-            std=list(std),
-            class_names=list(class_names),
-            state_dict=state_dict,
-        )
-        return Path(path)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "arch": arch,
-        "input_size": int(input_size),
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-        "class_names": list(class_names),
-        "state_dict": state_dict,
-    }
-
-    def validate(tmp: Path) -> None:
-        back = torch.load(tmp, map_location="cpu", weights_only=True)
-        if back.get("format") != CHECKPOINT_FORMAT or len(back["state_dict"]) != len(state_dict):
-            raise OSError(f"classifier checkpoint {path} did not read back")
-
-    with atomic_path(path, validate) as tmp:
-        torch.save(payload, tmp)
+    save_classifier_checkpoint(
+        path,
+        model=net,
+        arch=arch,
+        input_size=int(input_size),
+        mean=list(mean),
+        std=list(std),
+        class_names=list(class_names),
+        interpolation="bilinear",  # crops are resized bilinearly in training (data.crop_box)
+        extra=extra,
+    )
     return Path(path)
 
 
 def load_classifier(path: str | Path) -> LoadedClassifier:
     """Read a checkpoint written by `save_checkpoint` (never unpickles code: weights_only=True)."""
-    import timm
+    from features.encoders.classifier import load_classifier_checkpoint
 
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"classifier checkpoint {path} does not exist; train one with `mil train-classifier`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, pickle with code, not a torch file
-        raise InputError(f"classifier checkpoint {path} cannot be read ({type(e).__name__}: {e}); retrain it") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint; write it with `mil train-classifier`")
-    net = timm.create_model(ckpt["arch"], pretrained=False, num_classes=len(ckpt["class_names"]))
-    net.load_state_dict(ckpt["state_dict"])
-    net.eval()
+    net, meta = load_classifier_checkpoint(path)
     return LoadedClassifier(
         net=net,
-        arch=ckpt["arch"],
-        input_size=int(ckpt["input_size"]),
-        mean=tuple(ckpt["mean"]),
-        std=tuple(ckpt["std"]),
-        class_names=list(ckpt["class_names"]),
+        arch=meta["arch"],
+        input_size=int(meta["input_size"]),
+        mean=tuple(meta["mean"]),
+        std=tuple(meta["std"]),
+        class_names=list(meta["class_names"]),
     )
 
 

@@ -240,6 +240,7 @@ def train_classifier(
         mean=mean,
         std=std,
         class_names=class_names,
+        extra={"config": asdict(config), "split": split},
     )
     device = "cuda" if config.accelerator in ("gpu", "cuda") else "cpu"
     scored = {}
