@@ -323,3 +323,18 @@ def test_unknown_format_lists_the_valid_ones(capsys):
         main(["cells", "--format", "tiff", "--input", ".", "--out", "x"])
     err = capsys.readouterr().err
     assert "invalid choice: 'tiff'" in err and "voc" in err and "zenodo" in err
+
+
+def test_dataset_labels_that_differ_only_in_case_or_spaces_are_refused(tmp_path):
+    png(tmp_path / "JPEGImages" / "f.png", (32, 32))
+    objects = [("WBC", (1, 1, 9, 9)), ("wbc", (2, 2, 9, 9)), ("RBC", (3, 3, 9, 9))]
+    write_voc(tmp_path / "Annotations" / "f.xml", "f.png", (32, 32), objects)
+    with pytest.raises(InputError) as e:
+        read_dataset("voc", tmp_path)
+    msg = str(e.value)
+    assert "1 problem(s)" in msg
+    assert f"f.xml object 2: label 'wbc' differs from 'WBC' ({tmp_path / 'Annotations' / 'f.xml'} object 1)" in msg
+    # With the 33-class map such variants are one class: 'Segmented Neutrophil' == 'segmented_neutrophil'.
+    (tmp_path / "map.yaml").write_text("name: m\nclasses: [wbc, rbc]\n")
+    cells, _ = read_dataset("voc", tmp_path, label_map=load_label_map(tmp_path / "map.yaml"))
+    assert [r["label"] for r in cells.rows] == ["wbc", "wbc", "rbc"]

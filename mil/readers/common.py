@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mil.cell_table import PatientTable
 from mil.errors import InputError, listing
-from mil.labels import DEFAULT_LABEL_MAP, LabelMap, identity_label_map, load_label_map
+from mil.labels import DEFAULT_LABEL_MAP, LabelMap, identity_label_map, load_label_map, normalize_label
 
 log = logging.getLogger("mil.readers")
 
@@ -137,7 +137,10 @@ def apply_labels(rows: list[dict], label_map: LabelMap, where: list[str], proble
     """Set `label` from `raw_label` for every row; every unknown label goes into `problems` with its place.
 
     An empty raw label stays an unlabelled cell (label ''); a label the map sends to 'drop' is kept as 'drop'.
+    Two classes that differ only in case or spaces ('WBC' and 'wbc', as a dataset's own labels can) are a
+    problem too: kept apart they would silently split one cell type in two.
     """
+    spelled: dict[str, tuple[str, str]] = {}  # normalised class -> (first spelling, where it was)
     hint = (
         f"Labels must be classes of label map {label_map.name!r} or raw labels it maps; pass --label-map FILE "
         f"with a map that names them (layout: {DEFAULT_LABEL_MAP}; map a label to 'drop' to keep but ignore it)."
@@ -151,8 +154,14 @@ def apply_labels(rows: list[dict], label_map: LabelMap, where: list[str], proble
         if label is None:
             problems.add(f"{place}: label {raw!r} is not in label map {label_map.name!r}", hint)
             row["label"] = ""
-        else:
-            row["label"] = label
+            continue
+        row["label"] = label
+        first, first_place = spelled.setdefault(normalize_label(label), (label, place))
+        if label != first:
+            problems.add(
+                f"{place}: label {raw!r} differs from {first!r} ({first_place}) only in case or spaces; "
+                "spell the class one way, or pass --label-map FILE that maps both spellings to one class"
+            )
 
 
 def number(value: str, where: str, column: str, problems: Problems) -> float | None:
