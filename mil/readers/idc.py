@@ -43,7 +43,8 @@ def _roi_regions(
         if cell.roi_id is None:
             cx, cy = (cell.box[0] + cell.box[2]) / 2, (cell.box[1] + cell.box[3]) / 2
             inside = [r for r, b in rois.items() if b[0] <= cx <= b[2] and b[1] <= cy <= b[3]]
-            # No ROI given: cells are grouped on a grid so that a region never grows past max_roi_size.
+            # No ROI given: cells are grouped on a grid, so a made region stays about max_roi_size wide
+            # however far apart the cells of a slide lie.
             cell.roi_id = inside[0] if inside else f"auto_{int(cy // max_roi_size)}_{int(cx // max_roi_size)}"
     regions = {}
     by_roi = defaultdict(list)
@@ -197,6 +198,11 @@ def read_idc(
     for slide, cells, rois in per_slide.values():
         cells = merge_cells(cells, problems)
         regions = _roi_regions(cells, rois, slide.size, roi_padding, max_roi_size)
+        for roi_id, (x0, y0, x1, y1) in list(regions.items()):
+            if x1 <= x0 or y1 <= y0:
+                problems.add(f"slide {slide.slide_id}: ROI {roi_id!r} has no pixel inside the slide; fix its rectangle")
+                del regions[roi_id]
+        cells = [c for c in cells if c.roi_id in regions]
         patient = _patient_row(slide.base, clinical_rows, covariates)
         patients.setdefault(patient["patient_id"], patient)
         # ROI images are named by patient, slide and ROI; the series hash keeps two slides' ROIs apart.
