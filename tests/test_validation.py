@@ -252,9 +252,12 @@ def test_patient_without_diagnosis_in_patient_folders_csv(tmp_path):
 
 def test_a_detection_set_with_some_diagnoses_needs_them_all(tmp_path, capsys):
     voc_dataset(tmp_path / "voc")
+    (tmp_path / "voc" / "JPEGImages" / "field_a.jpg").unlink()
     (tmp_path / "map.csv").write_text("image,patient_id,diagnosis\nfield_a.jpg,pa,AML\nfield_b.jpg,pb,\n")
     err = run_cells("voc", tmp_path / "voc", tmp_path / "out", capsys, "--patients-csv", str(tmp_path / "map.csv"))
+    # Both tables' problems come in one message: the missing diagnosis and the missing image.
     assert "patient 'pb' has no diagnosis" in err
+    assert "field_a.jpg does not exist" in err and "Nothing was written" in err
 
 
 def test_images_missing_from_a_patients_mapping_are_listed(tmp_path):

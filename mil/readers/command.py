@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from mil.cell_table import CellTable, PatientTable, validate_cell_table, validate_patient_table
-from mil.errors import InputError, MilError, listing
+from mil.errors import InputError, MilError
 from mil.labels import load_label_map
 from mil.readers.patients import PATIENT_FROM
 from mil.readers.registry import get_reader, list_readers, unavailable_readers
@@ -105,22 +105,20 @@ def summary(cells: CellTable, patients: PatientTable) -> str:
 
 
 def validate(cells: CellTable, patients: PatientTable, *, require_diagnosis: bool, check_images: bool, where: str):
-    """The core checks of both tables, every problem in one error."""
-    problems = []
-    for check in (
-        lambda: validate_patient_table(
-            patients, where=f"patient table of {where}", require_diagnosis=require_diagnosis
-        ),
-        lambda: validate_cell_table(cells, patients, check_images=check_images, where=f"cell table of {where}"),
-    ):
-        try:
-            check()
-        except MilError as e:
-            problems += [ln[4:] for ln in str(e).splitlines() if ln.startswith("  - ")] or [str(e)]
+    """The core checks of both tables; every problem of both in one error, nothing written."""
+    failures = []
     if not cells.rows:
-        problems.append(f"{where} holds no cells; check --input and --format")
-    if problems:
-        raise InputError(f"{len(problems)} problem(s) in {where}:\n{listing(problems)}\nNothing was written.")
+        failures.append(f"{where} holds no cells; check --input and --format")
+    try:
+        validate_patient_table(patients, where=f"patient table of {where}", require_diagnosis=require_diagnosis)
+    except MilError as e:
+        failures.append(str(e))
+    try:
+        validate_cell_table(cells, patients, check_images=check_images, where=f"cell table of {where}")
+    except MilError as e:
+        failures.append(str(e))
+    if failures:
+        raise InputError("\n".join(failures) + "\nNothing was written; fix the input and run `mil cells` again.")
 
 
 def run(args: argparse.Namespace) -> int:
