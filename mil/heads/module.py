@@ -5,8 +5,10 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
+from mil.atomic import atomic_path
 from mil.heads.common import MilHead
 from mil.heads.data import BagDataset, BagRecord, LengthBucketSampler, pad_collate
 
@@ -21,6 +23,20 @@ def macro_auroc(probs: np.ndarray, targets: np.ndarray) -> float:
         if 0 < (targets == c).sum() < len(targets)
     ]
     return float(np.mean(scores)) if scores else float("nan")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temp file, re-read with weights_only=True, then renamed (RELIABILITY 1, 6)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        def readable(tmp) -> None:
+            torch.load(tmp, map_location="cpu", weights_only=True)
+
+        with atomic_path(path, readable) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
 class HeadModule(L.LightningModule):

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mil.atomic import atomic_path, atomic_write_text
+from mil.atomic import atomic_write_text
 from mil.errors import ConfigError
 from mil.heads.common import MilHead
 from mil.heads.data import BagRecord, check_records
-from mil.heads.module import HeadModule, evaluate_bags
+from mil.heads.module import AtomicCheckpointIO, HeadModule, evaluate_bags
 from mil.heads.registry import create_head
 
 CHECKPOINT_DIR = "checkpoints"
@@ -151,25 +151,6 @@ def _loggers(config: TrainConfig, log_dir: Path) -> list:
     return loggers
 
 
-def _atomic_checkpoint_io():
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        """Checkpoints are written to a temp file, re-read with weights_only=True, then renamed."""
-
-        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-            def readable(tmp: Path) -> None:
-                torch.load(tmp, map_location="cpu", weights_only=True)
-
-            with atomic_path(path, readable) as tmp:
-                torch.save(checkpoint, tmp)
-
-        def load_checkpoint(self, path, map_location=None, weights_only=None):
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-
-    return AtomicCheckpointIO()
-
-
 @contextlib.contextmanager
 def _quiet(enabled: bool):
     """Lightning's banner lines and the num_workers hint are noise for in-memory bags."""
@@ -192,10 +173,10 @@ def _prepare_log_dir(log_dir: Path, fingerprint: str, config: TrainConfig) -> st
     run_file, ckpt_dir = log_dir / RUN_FILE, log_dir / CHECKPOINT_DIR
     previous = json.loads(run_file.read_text()) if run_file.exists() else None
     same = config.resume and previous is not None and previous.get("fingerprint") == fingerprint
-    if same and (log_dir / FINISHED_FILE).exists() and (ckpt_dir / "best.ckpt").exists():
+    if same and (log_dir / FINISHED_FILE).exists() and (ckpt_dir / "last.ckpt").exists():
         return "finished"
     if not same:
-        for stale in [log_dir / FINISHED_FILE, *ckpt_dir.glob("*.ckpt")]:
+        for stale in [log_dir / FINISHED_FILE, *ckpt_dir.glob("*.ckpt"), *(log_dir / "csv").glob("*")]:
             stale.unlink(missing_ok=True)
     atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint, "config": config.to_dict()}, indent=2))
     return "resume" if same and (ckpt_dir / "last.ckpt").exists() else "fresh"
@@ -208,17 +189,23 @@ def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: 
     mode = "min" if config.monitor == "val_loss" else "max"
     ckpt_dir = log_dir / CHECKPOINT_DIR
     callbacks = [
+        # Lightning's save_last=True only refreshes last.ckpt when a top-k file is saved, i.e. when the
+        # monitored metric improves; resuming needs every epoch, so an unmonitored saver keeps last.ckpt.
         ModelCheckpoint(
-            dirpath=str(ckpt_dir),
-            filename="best",
-            monitor=config.monitor if has_val else None,
-            mode=mode,
-            save_top_k=1,
-            save_last=True,
-            enable_version_counter=False,
-        )
+            dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+        ),
     ]
     if has_val:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(ckpt_dir),
+                filename="best",
+                monitor=config.monitor,
+                mode=mode,
+                save_top_k=1,
+                enable_version_counter=False,
+            )
+        )
         callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
     strategy = config.strategy
     if strategy == "auto":
@@ -237,7 +224,7 @@ def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: 
         use_distributed_sampler=False,  # the length-bucketed sampler shards batches across ranks itself
         log_every_n_steps=1,
         default_root_dir=str(log_dir),
-        plugins=[_atomic_checkpoint_io()],
+        plugins=[AtomicCheckpointIO()],
         limit_val_batches=1.0 if has_val else 0,
     )
     trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
@@ -282,7 +269,7 @@ def fit_predict(
         if state != "finished":
             resume_from = ckpt_dir / "last.ckpt" if state == "resume" else None
             _train(module, run_config, log_dir, resume_from, has_val=bool(val))
-        best = ckpt_dir / "best.ckpt"
+        best = ckpt_dir / ("best.ckpt" if val else "last.ckpt")  # without validation the last epoch is kept
         best_state = torch.load(best, map_location="cpu", weights_only=True)
         module.load_state_dict(best_state["state_dict"])
         history = dict(torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["history"])
