@@ -28,17 +28,21 @@ def _resize(x: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
     return out.clamp_(0.0, 1.0) if interpolation == "bicubic" else out
 
 
+def _stats(config: EncoderConfig, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(config.mean, dtype=x.dtype, device=x.device)
+    std = torch.tensor(config.std, dtype=x.dtype, device=x.device)
+    return rearrange(mean, "c -> 1 c 1 1"), rearrange(std, "c -> 1 c 1 1")
+
+
 def normalize(x: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
     """(B,3,H,W) float in [0,1] -> normalised with the config's mean/std."""
-    mean = torch.tensor(config.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(config.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean, std = _stats(config, x)
     return (x - mean) / std
 
 
 def denormalize(x: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
     """Inverse of `normalize`: back to [0,1] RGB (used by encoders that measure colour)."""
-    mean = torch.tensor(config.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(config.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean, std = _stats(config, x)
     return x * std + mean
 
 

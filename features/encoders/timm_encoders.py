@@ -13,7 +13,13 @@ from typing import Any
 
 import torch
 
-from features.encoders.weights import load_into, load_state_dict_file, sha256_file
+from features.encoders.weights import (
+    build_without_init,
+    load_into,
+    load_state_dict_file,
+    sha256_file,
+    strip_prefixes,
+)
 from features.registry import Encoder, EncoderConfig, register_encoder
 from mil.errors import ConfigError
 
@@ -97,6 +103,23 @@ def timm_config(
     )
 
 
+def adapt_pos_embed(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Resample a ViT's absolute position embedding when the model was built at another input size."""
+    from timm.layers import resample_abs_pos_embed
+
+    pos, own = state.get("pos_embed"), getattr(model, "pos_embed", None)
+    if pos is None or own is None or pos.shape == own.shape or not hasattr(model, "patch_embed"):
+        return state
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    old = round((pos.shape[1] - prefix) ** 0.5)
+    if old * old + prefix != pos.shape[1]:
+        return state  # not a square grid: leave it to load_into to report the mismatch
+    resampled = resample_abs_pos_embed(
+        pos.float(), new_size=list(model.patch_embed.grid_size), old_size=[old, old], num_prefix_tokens=prefix
+    )
+    return {**state, "pos_embed": resampled.to(pos.dtype)}
+
+
 def classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
     """State-dict prefixes of the classifier that num_classes=0 removed (e.g. 'fc.', 'head.')."""
     names = getattr(model, "pretrained_cfg", {}).get("classifier", ())
@@ -139,7 +162,8 @@ def random_timm(arch: str, tag: str, *, weights: str | None, input_size: int | N
 def file_timm(arch: str, tag: str, *, weights: str | None, input_size: int | None) -> TimmEncoder:
     assert weights is not None  # create_encoder enforces it (needs_weights=True)
     state, sha = load_state_dict_file(weights)
-    model = build_timm_model(arch, input_size=input_size)
+    model = build_without_init(lambda: build_timm_model(arch, input_size=input_size))
+    state = adapt_pos_embed(strip_prefixes(state), model)
     load_into(model, state, path=weights, ignore_prefixes=classifier_prefixes(model))
     config = timm_config(
         model,

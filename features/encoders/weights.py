@@ -8,7 +8,7 @@ loads into the bare architecture, and they say which keys did not fit instead of
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -96,11 +96,12 @@ def load_into(
     *,
     path: str | Path,
     ignore_prefixes: Iterable[str] = (),
-) -> None:
+) -> torch.nn.Module:
     """Load `state` strictly into `model`, dropping keys under `ignore_prefixes` (e.g. the classifier).
 
     Missing or mismatched keys are an error that lists them: a half-loaded encoder would produce
-    plausible but meaningless embeddings.
+    plausible but meaningless embeddings. A model built on the meta device (no random init, which
+    costs seconds for a ViT-L) gets the file's tensors assigned; returns the loaded model.
     """
     ignore = tuple(ignore_prefixes)
     state = strip_prefixes(state)
@@ -125,4 +126,22 @@ def load_into(
             f"weights {path} do not fit {type(model).__name__}: " + "; ".join(problems) + ". Check that the "
             "encoder name's architecture matches the checkpoint (e.g. resnet50.file for a ResNet-50 state dict)"
         )
-    model.load_state_dict(state, strict=True)
+    # Cast to the model's dtypes: a float16 checkpoint must not turn the encoder into a float16 model.
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    on_meta = any(t.is_meta for t in expected.values())
+    model.load_state_dict(state, strict=True, assign=on_meta)
+    return model
+
+
+def build_without_init(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`build()` on the meta device (skipping random init) when every tensor comes from the state dict.
+
+    Models that create non-persistent buffers in __init__ (relative position indices, rotary tables)
+    would keep those on the meta device; for them the model is built normally instead.
+    """
+    with torch.device("meta"):
+        model = build()
+    persistent = set(model.state_dict())
+    if any(t.is_meta for name, t in model.named_buffers() if name not in persistent):
+        return build()
+    return model
