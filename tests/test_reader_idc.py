@@ -218,6 +218,15 @@ def test_bad_annotations_are_listed_together(tmp_path, pixels):
     assert not (tmp_path / "out" / "rois").exists()  # nothing written when the input is refused
 
 
+def test_truncated_slide_is_named(tmp_path, pixels):
+    slide = write_slide(tmp_path / "in" / "slide", pixels, patient_id="P006")
+    write_annotations(tmp_path / "in" / "a.dcm", slide.base, [_group("myelocytic_blast", [101])], session="consensus")
+    with open(slide.files[0], "r+b") as f:  # cut level 0 inside its first tile: the header still reads
+        f.truncate(5000)
+    with pytest.raises(InputError, match=r"slide P006-slide \(2 DICOM file\(s\) in .*\) cannot be read by wsidicom"):
+        read_idc(tmp_path / "in", label_map=None, out_dir=tmp_path / "out")
+
+
 def test_registered_as_idc(tmp_path, pixels):
     from mil.readers.registry import get_reader, read_dataset
 

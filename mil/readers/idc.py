@@ -215,10 +215,23 @@ def read_idc(
         to_write.append((slide, regions, pngs))
     apply_labels(rows, label_map, where, problems)
     problems.raise_if_any()
-    from wsidicom import WsiDicom  # imported here: only reading pixels needs it
+    import wsidicom.errors  # imported here: only reading pixels needs wsidicom
+    from pydicom.errors import InvalidDicomError
+    from wsidicom import WsiDicom
 
-    for slide, regions, pngs in to_write:
-        with WsiDicom.open(slide.files) as wsi:
-            for roi_id, region in regions.items():
-                _write_roi(wsi, region, pngs[roi_id])
+    errors = vars(wsidicom.errors).values()
+    read_errors = (InvalidDicomError, ValueError, KeyError, IndexError)
+    read_errors += tuple(c for c in errors if isinstance(c, type) and issubclass(c, Exception))
+
+    for slide, regions, pngs in to_write:  # every slide is tried, so one error lists every broken slide
+        try:
+            with WsiDicom.open(slide.files) as wsi:
+                for roi_id, region in regions.items():
+                    _write_roi(wsi, region, pngs[roi_id])
+        except read_errors as e:
+            problems.add(
+                f"slide {slide.slide_id} ({len(slide.files)} DICOM file(s) in {slide.files[0].parent}) cannot be "
+                f"read by wsidicom ({type(e).__name__}: {e}); download its series again"
+            )
+    problems.raise_if_any()
     return CellTable(rows=rows), PatientTable(rows=list(patients.values()))

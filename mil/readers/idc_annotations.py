@@ -213,7 +213,11 @@ def read_annotation_file(
     import highdicom as hd
     import pydicom
 
-    ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(path))
+    try:
+        ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(path))
+    except Exception as e:  # pydicom and highdicom raise many types for a broken object
+        problems.add(f"{path}: bulk annotations cannot be read ({type(e).__name__}: {e}); download the file again")
+        return None, [], {}
     slide, referenced = _match_slide(ann, slides)
     if slide is None:
         refs = [str(s.SeriesInstanceUID) for s in getattr(ann, "ReferencedSeriesSequence", [])]
