@@ -6,6 +6,7 @@ instance, frame of reference or (single-slide) study. Groups whose label is a ce
 consensus group wins when groups exist per annotation session, and every session's raw label is kept in
 a `label_session_N` column. The pixels of each region of interest are read from the slide with wsidicom
 and written as PNG under `<out_dir>/rois/`; cell boxes in the cell table are pixels of that PNG.
+Reading the DICOM objects lives in mil/readers/idc_annotations.py; this module makes the ROIs and tables.
 """
 
 from __future__ import annotations
