@@ -49,7 +49,7 @@ class SynthConfig:
     erythrocyte_density: float = 0.55
     labelled_erythrocytes_per_field: int = 1
     unlabelled_fraction: float = 0.0
-    overlap: float = 0.3
+    overlap: float = 0.2
     patient_concentration: float = 150.0
     label_noise: float = 0.0
     session_disagreement: float = 0.05
