@@ -32,6 +32,7 @@ class CompareConfig:
     n_boot: int = 1000
     ci_level: float = 0.95
     ece_bins: int = 10
+    standardize: bool = True
     count_heads: dict = field(default_factory=dict)
     attention_heads: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)

@@ -218,10 +218,17 @@ def _fit_attention(name, config, fs, loaded, y_true, index, num_classes, out):
     from mil.heads.data import BagRecord
     from mil.heads.train import fit_predict
 
+    shift, scale = 0.0, 1.0
+    if config.standardize:  # z-score with the fold's training cells only: no statistic of a test patient leaks in
+        cells = np.concatenate([np.asarray(loaded[p].features, dtype=np.float64) for p in fs.train])
+        shift, scale = cells.mean(axis=0), cells.std(axis=0) + 1e-6
+
     def records(ids):
         return [
             BagRecord(
-                patient_id=p, features=np.asarray(loaded[p].features, dtype=np.float32), target=int(y_true[index[p]])
+                patient_id=p,
+                features=((np.asarray(loaded[p].features, dtype=np.float64) - shift) / scale).astype(np.float32),
+                target=int(y_true[index[p]]),
             )
             for p in ids
         ]
