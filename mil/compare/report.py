@@ -222,7 +222,10 @@ def plot_confusion(result: CompareResult, head: str, confusion: np.ndarray, path
     _save_png(path, fig)
 
 
-def write_report(result: CompareResult, config: CompareConfig, out: str | Path) -> dict[str, BootstrapResult]:
+def write_report(
+    result: CompareResult, config: CompareConfig, out: str | Path
+) -> tuple[dict[str, BootstrapResult], list[PairedResult]]:
+    """Every result file of a comparison; returns the per-head bootstrap results and the paired tests."""
     out = Path(out)
     per_head, paired = evaluate(result, config)
     _write_csv(out / "summary.csv", *summary_rows(result, per_head))
@@ -243,4 +246,4 @@ def write_report(result: CompareResult, config: CompareConfig, out: str | Path) 
     plot_roc(result, out / "roc.png")
     for h, b in per_head.items():
         plot_confusion(result, h, b.confusion, out / f"confusion_{h}.png")
-    return per_head
+    return per_head, paired
