@@ -213,5 +213,7 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     subprocess.run([sys.executable, str(script), str(out)], check=True, env=_env(), timeout=120)
     probs = np.load(out / "probs.npy")
     assert probs.shape == (4, 3) and np.isfinite(probs).all()
-    history = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["history"]["epochs"]
-    assert [e["epoch"] for e in history] == [0, 1]
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert [e["epoch"] for e in last["history"]["epochs"]] == [0, 1]
+    # 16 bags in batches of 4 = 4 batches per epoch, shared by 2 ranks: 2 optimizer steps per epoch.
+    assert last["global_step"] == 4

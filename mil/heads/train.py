@@ -49,9 +49,10 @@ class TrainConfig:
     seed: int = 0
     devices: int = 1
     accelerator: str = "cpu"
-    # "auto": one device -> no strategy; several -> "ddp_spawn" (gloo on CPU), which keeps fit_predict a
-    # plain function call inside a larger command; "ddp" re-executes the whole command once per rank
-    # (use it under torchrun/SLURM).
+    # "auto": one device -> no strategy; several -> DDP that keeps fit_predict a plain function call inside
+    # a larger command: "ddp_fork" on CPU (gloo; no re-import, starts in seconds), "ddp_spawn" on GPUs
+    # (CUDA cannot be forked once an earlier fold used it). "ddp" re-executes the whole command once per
+    # rank: use it under torchrun/SLURM. Spawned ranks import the main script: guard it with __main__.
     strategy: str = "auto"
     monitor: str = "val_loss"  # or "val_auroc" (macro one-vs-rest over the classes present in val)
     class_weighted: bool = True
@@ -209,7 +210,7 @@ def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: 
         callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
     strategy = config.strategy
     if strategy == "auto":
-        strategy = "ddp_spawn" if config.devices > 1 else "auto"
+        strategy = "auto" if config.devices == 1 else ("ddp_fork" if config.accelerator == "cpu" else "ddp_spawn")
     trainer = L.Trainer(
         max_epochs=config.max_epochs,
         accelerator=config.accelerator,
