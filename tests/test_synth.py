@@ -103,6 +103,9 @@ def test_layout_and_boxes_inside_images(tmp_path: Path) -> None:
         assert 0 <= x1 < x2 <= int(roi["width"]) and 0 <= y1 < y2 <= int(roi["height"]), c
         assert c["consensus_label"] in all_classes()
     assert "cue_fraction:" in (out / "README.txt").read_text()
+    assert load_synth_config(out / "synth_config.yaml") == load_synth_config().replace(
+        patients=2, fields_per_patient=2, cells_per_field=12, field_width=256, field_height=256
+    )
     assert not list(out.rglob(".*.tmp"))
 
 
@@ -195,3 +198,20 @@ def test_cli_help_describes_every_option(capsys) -> None:
     for option in ("--out", "--seed", "--config", "--patients", "--overlap", "--label-noise", "--cue-fraction"):
         assert option in text
     assert "--no-cue" in text and "progress" in text
+
+
+def test_cohort_goes_through_the_zenodo_reader(tmp_path: Path) -> None:
+    """The demo path: `mil synth` output read by `mil cells --format zenodo` like the real release."""
+    pytest.importorskip("mil.readers.zenodo")
+    out = _synth(tmp_path / "s", 1, "--label-noise", "0.2")
+    assert main(["cells", "--format", "zenodo", "--input", str(out), "--out", str(tmp_path / "cells")]) == 0
+    table = _rows(tmp_path / "cells" / "cells.csv")
+    synth = {r["cell_id"]: r for r in _rows(out / "cells.csv")}
+    assert len(table) == len(synth)
+    for row in table:
+        src = synth[row["cell_id"]]
+        assert (row["x0"], row["y0"], row["x1"], row["y1"]) == (src["x1"], src["y1"], src["x2"], src["y2"])
+        assert row["label"] == src["consensus_label"] and row["auer_rod"] == src["auer_rod"]
+    diagnoses = {r["patient_id"]: r["diagnosis"] for r in _rows(tmp_path / "cells" / "patients.csv")}
+    clinical = {r["patient_id"]: r["leukemia_type"] for r in _rows(out / "clinical.csv", delimiter=";")}
+    assert diagnoses == clinical

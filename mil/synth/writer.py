@@ -1,7 +1,8 @@
 """Write a synthetic cohort in the Zenodo layout of BoneMarrowWSI-PediatricLeukemia.
 
 ROOT/images/<roi_id>.png, ROOT/rois.csv, ROOT/cells.csv (x1=left, x2=right, y1=top, y2=bottom, the
-dataset's column order), ROOT/clinical.csv (';'-separated) and ROOT/README.txt with the config used.
+dataset's column order), ROOT/clinical.csv (';'-separated), ROOT/README.txt describing it and
+ROOT/synth_config.yaml (the resolved config, loadable by `mil synth --config`).
 Every file is written atomically; the CSVs come last, so a cells.csv on disk means a finished run.
 """
 
@@ -97,7 +98,8 @@ def _readme(config: SynthConfig, seed: int, summary: CohortSummary) -> str:
         "                boxes in ROI-image pixels: x1 left, x2 right, y1 top, y2 bottom (x2, y2 exclusive)\n"
         "  rois.csv      roi_id,slide_id,patient_id,image,width,height (image relative to this folder)\n"
         "  clinical.csv  patient_id;age;ncit_concept_code;leukemia_type;leukemia_subtype (';'-separated)\n"
-        "  images/       one PNG per ROI (smear field)\n\n"
+        "  images/       one PNG per ROI (smear field)\n"
+        "  synth_config.yaml  the config below; `mil synth --config synth_config.yaml --seed SEED` regenerates this\n\n"
         "Read it with: mil cells --format zenodo --input THIS_FOLDER --out CELLS_DIR\n\n"
         "Config used:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False, width=110)
     )
@@ -166,6 +168,8 @@ def write_cohort(config: SynthConfig, out: str | Path, *, seed: int = 0, progres
         diagnoses={d.name: diagnoses.count(d.name) for d in config.diagnoses},
     )
     atomic_write_text(out / "README.txt", _readme(config, seed, summary))
+    # the resolved config, loadable by --config: the same seed and file regenerate this folder
+    atomic_write_text(out / "synth_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, width=110))
     for name, columns, rows, delimiter in (
         ("rois.csv", ROI_COLUMNS, roi_rows, ","),
         ("clinical.csv", CLINICAL_COLUMNS, clinical_rows, ";"),
