@@ -154,7 +154,10 @@ def list_encoders(*, include_generic: bool = True) -> list[str]:
 
 
 def get_entry(name: str) -> EncoderEntry:
+    """The registry row of an exact name from list_encoders() (use resolve_entry for ARCH.tag names)."""
     _ensure_loaded()
+    if name not in _ENTRIES:
+        raise ConfigError(f"no registry entry {name!r}; entries: {', '.join(sorted(_ENTRIES))}")
     return _ENTRIES[name]
 
 

@@ -313,6 +313,25 @@ def test_hf_cache_loads_offline_and_missing_weights_fail_without_network(tmp_pat
     with pytest.raises(ConfigError) as info:
         create_encoder("resnet50.hf", weights=str(tmp_path / "empty"))
     assert "--weights PATH" in str(info.value) and "cache" in str(info.value)
+    hf_cache(tmp_path / "other", "timm/resnet18.tv_in1k")  # cached, but not timm's default tag
+    with pytest.raises(ConfigError, match="holds resnet18.tv_in1k"):
+        create_encoder("resnet18.hf", weights=str(tmp_path / "other"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["resnet18.random", "morphology.handcrafted"])
+def test_encoders_run_under_cuda_bf16_channels_last(name):
+    """Extraction runs encoders on CUDA in bf16 autocast with channels_last; results stay close to fp32."""
+    encoder = create_encoder(name, input_size=SMALL)
+    x = torch.randn(8, 3, SMALL, SMALL)
+    with torch.no_grad():
+        reference = encoder(x)
+        gpu = encoder.cuda().to(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = gpu(x.cuda().contiguous(memory_format=torch.channels_last)).float().cpu()
+    assert out.shape == reference.shape and torch.isfinite(out).all()
+    cosine = torch.nn.functional.cosine_similarity(out, reference, dim=-1)
+    assert cosine.min() > 0.98
 
 
 def test_dinobloom_published_format_gives_the_source_models_outputs(tmp_path):

@@ -177,6 +177,16 @@ def file_timm(arch: str, tag: str, *, weights: str | None, input_size: int | Non
     return TimmEncoder(model=model, config=config)
 
 
+def _no_weights_message(arch: str, hub_id: str, cache_dir: Path) -> str:
+    return (
+        f"no pretrained weights for {arch!r} (hub id {hub_id}) in the Hugging Face cache {cache_dir}, and the "
+        f"hub is offline. Either pass a local state dict with `--encoder {arch}.file --weights PATH`, or "
+        f"pre-populate the cache on a machine with network access (`huggingface-cli download {hub_id}`) and "
+        f"copy it to {cache_dir} (or point HF_HUB_CACHE at it); "
+        f"`python -c \"import timm; print(timm.list_pretrained('{arch}.*'))\"` lists the TAGs"
+    )
+
+
 def _cached_hf_file(hf_hub_id: str, cache_dir: str | None) -> Path | None:
     """Path of timm's weight file for `hf_hub_id` in the local HF cache, without touching the network."""
     from huggingface_hub import try_to_load_from_cache
@@ -197,21 +207,25 @@ def _cached_hf_file(hf_hub_id: str, cache_dir: str | None) -> Path | None:
 )
 def hf_timm(arch: str, tag: str, *, weights: str | None, input_size: int | None) -> TimmEncoder:
     """Pretrained timm weights, offline only; `weights` may name a HF cache folder other than the default."""
+    import huggingface_hub.constants
+
+    cache_dir = Path(weights or huggingface_hub.constants.HF_HUB_CACHE)
+    # timm's hub repos are named timm/<arch>.<tag>: without any such folder there is nothing to load, and
+    # saying so needs no timm import (seconds on a busy node), so the error comes at once.
+    if not any(cache_dir.glob(f"models--timm--{arch}.*")) and not (cache_dir / f"models--timm--{arch}").is_dir():
+        raise ConfigError(_no_weights_message(arch, f"timm/{arch}.TAG", cache_dir))
+
     import timm
 
     check_arch(arch)
     # Only the local cache is looked at: a missing file fails fast with instructions, never hangs on a socket.
     cfg = timm.models.get_pretrained_cfg(arch)
     hf_hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    cached = _cached_hf_file(hf_hub_id, weights) if hf_hub_id else None
+    cached = _cached_hf_file(hf_hub_id, str(cache_dir)) if hf_hub_id else None
     if cached is None:
-        where = weights or "the default Hugging Face cache (HF_HUB_CACHE / ~/.cache/huggingface/hub)"
-        raise ConfigError(
-            f"no pretrained weights for {arch!r} (hub id {hf_hub_id or 'none'}) in {where}, and the hub is offline. "
-            f"Either pass a local state dict with `--encoder {arch}.file --weights PATH`, or pre-populate the "
-            f"cache on a machine with network access (`huggingface-cli download {hf_hub_id or 'timm/' + arch}`) "
-            f"and copy it here"
-        )
+        others = sorted(p.name.removeprefix("models--timm--") for p in cache_dir.glob(f"models--timm--{arch}.*"))
+        hint = f" (the cache holds {', '.join(others)}, but {arch}.hf loads timm's default tag)" if others else ""
+        raise ConfigError(_no_weights_message(arch, hf_hub_id or f"timm/{arch}", cache_dir) + hint)
     # Load the cached file directly (timm's `file` source): no hub call, not even a revision check.
     kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(cached)}}
     model = build_timm_model(arch, input_size=input_size, **kwargs)
