@@ -56,7 +56,7 @@ def assign_diagnoses(config: SynthConfig, rng: np.random.Generator) -> list[str]
     return [diagnoses[i] for i in rng.permutation(len(diagnoses))]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Cell:
     """One labelled (or unlabelled) cell of a field, box in field pixels (x0, y0, x1, y1 exclusive)."""
 
@@ -69,14 +69,14 @@ class Cell:
     auer_rod: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Field:
     roi_id: str
     image: np.ndarray  # (H, W, 3) uint8
     cells: list[Cell] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Patient:
     patient_id: str
     slide_id: str
@@ -226,6 +226,16 @@ def _make_field(
             int(cy - s.half + rows[-1] + 1),
         )
         consensus, s1, s2 = _labels(truths[k], config, rng, classes)
-        cells.append(Cell(f"{roi_id}_C{k + 1:03d}", box, truths[k], consensus, s1, s2, auer[k]))
+        cells.append(
+            Cell(
+                cell_id=f"{roi_id}_C{k + 1:03d}",
+                box=box,
+                true_label=truths[k],
+                consensus_label=consensus,
+                label_session_1=s1,
+                label_session_2=s2,
+                auer_rod=auer[k],
+            )
+        )
     image = render(canvas[pad : pad + h, pad : pad + w], stain, rng)
     return Field(roi_id=roi_id, image=image, cells=cells)

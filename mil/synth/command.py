@@ -7,7 +7,11 @@ import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (created; files of a previous run are replaced)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder (created if missing; files of the same names are overwritten, so use an empty folder)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical output")
     parser.add_argument(
         "--config", default=None, help="synth YAML config (default: configs/synth.yaml; every knob is documented there)"

@@ -15,7 +15,7 @@ from mil.synth.morphology import ERYTHROCYTE_RADIUS, CellMorph
 from mil.synth.palette import Stain
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Sprite:
     """A drawn cell: OD (h, w, 3) and coverage alpha (h, w) on a patch centred on the cell."""
 
