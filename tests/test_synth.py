@@ -166,6 +166,10 @@ def test_auer_rod_cue_marks_only_aml_blasts_and_is_visible(tmp_path: Path) -> No
     eligible = [c for c in cells if c["diagnosis"] == "AML" and c["true_label"] in config.cue_classes]
     share = len(flagged) / len(eligible)
     assert abs(share - 0.5) <= 4.5 * np.sqrt(0.25 / len(eligible))
+    # with overlap 1 the counts are equal across diagnoses, yet every AML patient carries the cue
+    patient_of = {r["roi_id"]: r["patient_id"] for r in _rows(tmp_path / "cue" / "rois.csv")}
+    aml = {patient_of[c["roi_id"]] for c in cells if c["diagnosis"] == "AML"}
+    assert aml and {patient_of[c["roi_id"]] for c in flagged} == aml
     # the cue is in the pixels, not only in the CSV: rod-coloured pixels appear on flagged cells alone
     images: dict[str, np.ndarray] = {}
     rois = {r["roi_id"]: r["image"] for r in _rows(tmp_path / "cue" / "rois.csv")}
