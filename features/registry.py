@@ -201,6 +201,9 @@ def create_encoder(name: str, *, weights: str | None = None, input_size: int | N
     if input_size is not None and input_size < 8:
         raise ConfigError(f"input_size {input_size} is too small for encoder {name!r}; use at least 8 px")
     encoder = entry.builder(arch, tag, weights=weights, input_size=input_size)
+    if not isinstance(encoder, Encoder) or encoder.config.name != name:
+        # A builder bug, not a user error: every entry must return an Encoder carrying its own name.
+        raise TypeError(f"builder of {entry.name!r} returned {type(encoder).__name__} for {name!r}, not its Encoder")
     encoder.eval()
     return encoder
 

@@ -20,10 +20,8 @@ from features.encoders.weights import (
     sha256_file,
     strip_prefixes,
 )
-from features.registry import Encoder, EncoderConfig, register_encoder
+from features.registry import INTERPOLATIONS, Encoder, EncoderConfig, register_encoder
 from mil.errors import ConfigError
-
-TIMM_INTERPOLATIONS = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
 
 
 class TimmEncoder(Encoder):
@@ -40,6 +38,12 @@ class TimmEncoder(Encoder):
 def name_seed(name: str) -> int:
     """A stable seed per encoder name (Python's hash() is salted per process, sha256 is not)."""
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def timm_version() -> str:
+    import timm
+
+    return str(timm.__version__)
 
 
 def check_arch(arch: str) -> None:
@@ -59,12 +63,11 @@ def build_timm_model(arch: str, *, input_size: int | None, **kwargs: Any) -> tor
     import timm
 
     check_arch(arch)
-    model = timm.create_model(arch, num_classes=0, **kwargs)
-    fixed = bool(getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False))
-    if input_size is not None and fixed:
-        # Position embeddings are sized for one image side; rebuild at the requested side instead.
-        model = timm.create_model(arch, num_classes=0, img_size=input_size, **kwargs)
-    return model
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if input_size is not None and cfg is not None and cfg.fixed_input_size:
+        # Position embeddings are sized for one image side: build the model at the requested side.
+        kwargs = {**kwargs, "img_size": input_size}
+    return timm.create_model(arch, num_classes=0, **kwargs)
 
 
 def embed_dim_of(model: torch.nn.Module) -> int:
@@ -87,7 +90,9 @@ def timm_config(
 
     data = resolve_model_data_config(model)
     side = int(input_size if input_size is not None else data["input_size"][-1])
-    interpolation = TIMM_INTERPOLATIONS.get(str(data.get("interpolation", "bilinear")), "bilinear")
+    interpolation = str(data.get("interpolation", "bilinear"))
+    if interpolation not in INTERPOLATIONS:  # timm also knows e.g. "random" (training-time only)
+        interpolation = "bilinear"
     return EncoderConfig(
         name=name,
         arch=arch,
@@ -149,6 +154,8 @@ def random_timm(arch: str, tag: str, *, weights: str | None, input_size: int | N
         input_size=input_size,
         weights_source=f"random(seed={seed})",
         weights_sha256=None,
+        # Random weights are a function of timm's init code: a timm upgrade makes old bags stale.
+        extra={"timm_version": timm_version()},
     )
     return TimmEncoder(model=model, config=config)
 
