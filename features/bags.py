@@ -216,78 +216,72 @@ def _decode_attrs(raw: Any) -> dict:
     return attrs
 
 
-def validate_bag(path: str | Path, *, full: bool = True) -> list[str]:
-    """Every problem of a bag file (empty list = valid). `full` also reads the arrays to check NaN/inf.
-
-    Truncated or corrupt files (0 B, a header only, half a file, one byte short) fail to open or to read.
-    """
+def _inspect(path: Path, *, full: bool) -> tuple[Bag | None, list[str]]:
+    """Open a bag once: (the bag, its problems). Without `full` the big arrays are not read: `features`,
+    `boxes`, `cell_probs` and the strings are zero-cost stand-ins of the stored shapes (quick checks)."""
     import h5py
 
-    path = Path(path)
     if not path.exists():
-        return [f"{path} does not exist"]
+        return None, [f"{path} does not exist"]
     if path.stat().st_size == 0:
-        return [f"{path} is empty (0 bytes): a killed writer or a failed copy"]
+        return None, [f"{path} is empty (0 bytes): a killed writer or a failed copy"]
     try:
         with h5py.File(path, "r") as f:
             missing = [d for d in REQUIRED_DATASETS if d not in f]
             missing_attrs = [a for a in REQUIRED_ATTRS if a not in f.attrs]
             if missing or missing_attrs:
-                return [f"{path} lacks dataset(s) {missing} and attribute(s) {missing_attrs}"]
+                return None, [f"{path} lacks dataset(s) {missing} and attribute(s) {missing_attrs}"]
             attrs = _decode_attrs(f.attrs)
             problems = []
             if attrs["schema_version"] != SCHEMA_VERSION:
                 problems.append(f"{path} has schema_version {attrs['schema_version']}, expected {SCHEMA_VERSION}")
             if str(f["features"].dtype) not in FEATURE_DTYPES:
                 problems.append(f"{path} features dtype {f['features'].dtype} is not one of {list(FEATURE_DTYPES)}")
+
+            def array(name: str) -> np.ndarray:
+                data = f[name]
+                return data[()] if full else np.broadcast_to(np.zeros((), dtype=data.dtype), data.shape)
+
             bag = Bag(
-                patient_id=attrs["patient_id"],
-                features=f["features"][()] if full else np.empty(f["features"].shape, dtype=np.float16),
-                boxes=f["boxes"][()],
+                patient_id=str(attrs["patient_id"]),
+                features=array("features"),
+                boxes=array("boxes"),
                 image_index=f["image_index"][()],
-                image_paths=list(f["image_paths"].asstr()[()]),
-                cell_id=list(f["cell_id"].asstr()[()]),
+                image_paths=list(f["image_paths"].asstr()[()]) if full else [""] * len(f["image_paths"]),
+                cell_id=list(f["cell_id"].asstr()[()]) if full else [""] * len(f["cell_id"]),
                 label=f["label"][()],
-                cell_probs=f["cell_probs"][()] if "cell_probs" in f else None,
+                cell_probs=array("cell_probs") if "cell_probs" in f else None,
                 attrs=attrs,
             )
     except Exception as e:  # h5py raises OSError, KeyError, ValueError... for damaged files
-        return [f"{path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupt"]
+        return None, [f"{path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupt"]
     problems += [f"{path}: {p}" for p in _array_problems(bag)]
     if full and bag.features.ndim == 2:
         for name, values in (("features", bag.features), ("cell_probs", bag.cell_probs)):
-            problem = values is not None and _nonfinite_problem(name, values.astype(np.float32), bag.cell_id)
+            problem = values is not None and _nonfinite_problem(
+                name, values.astype(np.float32, copy=False), bag.cell_id
+            )
             if problem:
                 problems.append(f"{path}: {problem}")
-    return problems
+    return bag, problems
+
+
+def validate_bag(path: str | Path, *, full: bool = True) -> list[str]:
+    """Every problem of a bag file (empty list = valid). `full` also reads the arrays to check NaN/inf.
+
+    Truncated or corrupt files (0 B, a header only, half a file, one byte short) fail to open or to read.
+    """
+    return _inspect(Path(path), full=full)[1]
 
 
 def read_bag(path: str | Path) -> Bag:
-    """Read and validate a bag; an invalid file raises InputError naming it and the fix."""
-    import h5py
-
+    """Read and validate a bag in one pass; an invalid file raises InputError naming it and the fix."""
     path = Path(path)
-    problems = validate_bag(path, full=False)
-    if problems:
+    bag, problems = _inspect(path, full=True)
+    if problems or bag is None:
         raise InputError(
             f"bag {path} is invalid:\n{listing(problems)}\nDelete it and run `mil extract` again to recompute it."
         )
-    with h5py.File(path, "r") as f:
-        bag = Bag(
-            patient_id=str(_decode_attrs(f.attrs)["patient_id"]),
-            features=f["features"][()],
-            boxes=f["boxes"][()],
-            image_index=f["image_index"][()],
-            image_paths=list(f["image_paths"].asstr()[()]),
-            cell_id=list(f["cell_id"].asstr()[()]),
-            label=f["label"][()],
-            cell_probs=f["cell_probs"][()] if "cell_probs" in f else None,
-            attrs=_decode_attrs(f.attrs),
-        )
-    for name, values in (("features", bag.features), ("cell_probs", bag.cell_probs)):
-        problem = values is not None and _nonfinite_problem(name, values.astype(np.float32), bag.cell_id)
-        if problem:
-            raise InputError(f"bag {path}: {problem}; delete it and run `mil extract` again")
     return bag
 
 
