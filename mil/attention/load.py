@@ -1,0 +1,129 @@
+"""Read what `mil compare` saved for an attention head into `PatientAttention` records and build the report.
+
+Inputs under RESULTS: predictions.csv (true and predicted diagnosis), attention/<head>/<patient>.npy
+((seeds, N) or (seeds, C, N), rows aligned with the bag), models/<head>/<fold>.pt (head bundles, for
+deletion curves), splits.json (which fold tested which patient) and config.yaml (the bag directory).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from mil.attention.report import PatientAttention, build_report
+from mil.errors import InputError
+
+
+def _predictions(results: Path, head: str, seed: int) -> dict[str, dict]:
+    path = results / "predictions.csv"
+    if not path.exists():
+        raise InputError(f"{path} is missing; run `mil compare ... --out {results}` first")
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["head"] == head and int(r["seed"]) == seed]
+    if not rows:
+        raise InputError(f"{path} has no predictions of head {head!r} for seed {seed}; pick a head that was compared")
+    return {r["patient_id"]: r for r in rows}
+
+
+def _cell_extras(cells: Path | None) -> dict[str, dict]:
+    if cells is None:
+        return {}
+    from mil.cell_table import read_cell_table
+
+    return {r["cell_id"]: r for r in read_cell_table(cells).rows}
+
+
+def load_patients(
+    results: str | Path,
+    *,
+    head: str,
+    bags: str | Path | None = None,
+    cells: str | Path | None = None,
+    max_patients: int | None = None,
+    with_models: bool = True,
+) -> tuple[list[PatientAttention], dict]:
+    """Records for every patient tested in the first seed, and a map patient -> head bundle (may be empty)."""
+    from features.bags import BagDirectory
+    from mil.protocol.splits import read_splits
+
+    results = Path(results)
+    config = yaml.safe_load((results / "config.yaml").read_text()) if (results / "config.yaml").exists() else {}
+    bags = Path(bags or config.get("bags") or "")
+    if not bags or not bags.is_dir():
+        raise InputError(f"the bag directory of {results} is unknown or missing ({bags}); pass --bags BAGS")
+    splits = read_splits(results / "splits.json")
+    seed = splits.seeds[0]
+    predictions = _predictions(results, head, seed)
+    att_dir = results / "attention" / head
+    if not att_dir.is_dir():
+        raise InputError(f"{att_dir} is missing: {head!r} saved no attention (is it an attention head?)")
+    directory = BagDirectory(bags)
+    extras = _cell_extras(Path(cells) if cells else None)
+    classes = list(config.get("classes") or [])
+    fold_of = {p: fs for fs in splits.splits if fs.seed == seed for p in fs.test}
+    bundles: dict = {}
+    records = []
+    for pid in sorted(predictions)[: max_patients or None]:
+        bag = directory.load(pid)
+        attention = np.load(att_dir / f"{pid}.npy")[0]  # first seed: (N,) or (C,N)
+        if attention.shape[-1] != len(bag.features):
+            raise InputError(
+                f"attention of {pid} has {attention.shape[-1]} cells, its bag {len(bag.features)}; "
+                "the bags changed after `mil compare` ran - rerun it"
+            )
+        label_classes = list(bag.attrs.get("label_classes") or [])
+        truth = [label_classes[i] if 0 <= i < len(label_classes) else "" for i in bag.label]
+        cell_type = truth
+        if bag.cell_probs is not None:
+            from mil.count.differential import prob_classes
+
+            names = prob_classes(bag)
+            cell_type = [names[i] for i in bag.cell_probs.argmax(axis=1)]
+        cue = None
+        if extras and "auer_rod" in next(iter(extras.values())):
+            cue = np.array([str(extras.get(c, {}).get("auer_rod", "0")) in ("1", "True", "true") for c in bag.cell_id])
+        row = predictions[pid]
+        records.append(
+            PatientAttention(
+                patient_id=pid,
+                true=row["true"],
+                predicted=row["predicted"],
+                attention=attention,
+                boxes=bag.boxes,
+                image_paths=[bag.image_paths[i] for i in bag.image_index],
+                cell_type=cell_type,
+                truth=truth,
+                features=np.asarray(bag.features, np.float32),
+                cue=cue,
+                branch_names=classes if attention.ndim == 2 else [],
+            )
+        )
+        bundle_path = results / "models" / head / f"{fold_of[pid].name}.pt"
+        if with_models and bundle_path.exists():
+            if bundle_path not in bundles:
+                from mil.heads.bundle import load_head_bundle
+
+                bundles[bundle_path] = load_head_bundle(bundle_path)
+            bundles[pid] = bundles[bundle_path]
+    return records, {p: b for p, b in bundles.items() if isinstance(p, str)}
+
+
+def report_from_results(
+    results: str | Path,
+    out: str | Path,
+    *,
+    head: str = "abmil",
+    bags: str | Path | None = None,
+    cells: str | Path | None = None,
+    top_k: int = 8,
+    max_patients: int | None = None,
+) -> dict:
+    """The whole `mil attention` report for one head of a comparison; returns the cohort summary."""
+    records, bundles = load_patients(results, head=head, bags=bags, cells=cells, max_patients=max_patients)
+    predict = (lambda pid, features: bundles[pid].predict(features)) if len(bundles) == len(records) else None
+    if predict is None:
+        print(f"note: no saved head for some patients under {Path(results) / 'models' / head}; deletion curves skipped")
+    return build_report(records, out, title=f"Attention over cells: {head}", head=head, predict=predict, top_k=top_k)

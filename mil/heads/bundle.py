@@ -1,0 +1,97 @@
+"""A trained head in one self-contained file: architecture, weights, the feature standardisation it was
+trained with, and the diagnosis names; enough to run it on any bag directory of the same encoder.
+
+Saved atomically and loaded with ``weights_only=True`` (RELIABILITY.md promises 1 and 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mil.atomic import atomic_path
+from mil.errors import ConfigError
+from mil.heads.common import MilHead
+from mil.heads.registry import create_head
+
+BUNDLE_FORMAT = "cytomil-head/1"
+
+
+def save_head_bundle(
+    path: str | Path,
+    *,
+    head_name: str,
+    head_kwargs: dict,
+    state_dict: dict,
+    in_dim: int,
+    classes: list[str],
+    shift: np.ndarray | float = 0.0,
+    scale: np.ndarray | float = 1.0,
+    meta: dict | None = None,
+) -> Path:
+    """Write the bundle; `state_dict` is the head's own (no 'head.' prefix), shift/scale z-score the features."""
+    payload = {
+        "format": BUNDLE_FORMAT,
+        "head": head_name,
+        "head_kwargs": dict(head_kwargs),
+        "in_dim": int(in_dim),
+        "classes": list(classes),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "shift": torch.as_tensor(np.broadcast_to(np.asarray(shift, np.float64), (in_dim,)).copy()),
+        "scale": torch.as_tensor(np.broadcast_to(np.asarray(scale, np.float64), (in_dim,)).copy()),
+        "meta": dict(meta or {}),
+    }
+
+    def readable(tmp: Path) -> None:
+        load_head_bundle(tmp)
+
+    with atomic_path(path, readable) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+@dataclass
+class HeadBundle:
+    head: MilHead
+    name: str
+    classes: list[str]
+    shift: np.ndarray  # (D,)
+    scale: np.ndarray  # (D,)
+    meta: dict
+
+    @torch.no_grad()
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """features (N,D) of one bag -> probabilities (C,)."""
+        x = torch.as_tensor((np.asarray(features, np.float64) - self.shift) / self.scale, dtype=torch.float32)
+        x = x[None]  # (1,N,D)
+        mask = torch.ones(x.shape[:2], dtype=torch.bool)  # (1,N)
+        return torch.softmax(self.head(x, mask).double(), dim=1)[0].numpy()
+
+    @torch.no_grad()
+    def attention(self, features: np.ndarray) -> np.ndarray:
+        """features (N,D) -> attention (N,) or (C,N)."""
+        x = torch.as_tensor((np.asarray(features, np.float64) - self.shift) / self.scale, dtype=torch.float32)[None]
+        mask = torch.ones(x.shape[:2], dtype=torch.bool)
+        return self.head.attention(x, mask)[0].numpy()
+
+
+def load_head_bundle(path: str | Path) -> HeadBundle:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != BUNDLE_FORMAT:
+        raise ConfigError(f"{path} is not a head bundle ({BUNDLE_FORMAT}); `mil compare` writes them under models/")
+    head = create_head(
+        payload["head"], in_dim=payload["in_dim"], num_classes=len(payload["classes"]), **payload["head_kwargs"]
+    )
+    head.load_state_dict(payload["state_dict"])
+    head.eval()
+    return HeadBundle(
+        head=head,
+        name=payload["head"],
+        classes=list(payload["classes"]),
+        shift=payload["shift"].numpy(),
+        scale=payload["scale"].numpy(),
+        meta=dict(payload["meta"]),
+    )
