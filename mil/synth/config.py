@@ -6,6 +6,7 @@ Unknown keys are errors that list the valid ones, so a typo never silently falls
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,11 @@ class SynthConfig:
         if self.diagnoses and sum(d.proportion for d in self.diagnoses) <= 0:
             problems.append("the diagnoses' proportions sum to 0")
         if problems:
-            raise ConfigError("synth config is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+            raise ConfigError(
+                "synth config is invalid:\n"
+                + "\n".join(f"  - {p}" for p in problems)
+                + f"\nFix them in the YAML config (documented in {DEFAULT_SYNTH_CONFIG}) or the matching --option."
+            )
 
     def to_dict(self) -> dict:
         out = {}
@@ -155,7 +160,11 @@ def config_from_dict(spec: dict, source: str = "synth config") -> SynthConfig:
     valid = {f.name: f for f in dataclasses.fields(SynthConfig)}
     unknown = sorted(set(spec) - set(valid))
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+        hints = [f"{k!r} -> did you mean {m[0]!r}?" for k in unknown if (m := difflib.get_close_matches(k, valid, 1))]
+        raise ConfigError(
+            f"{source}: unknown key(s) {unknown}; valid keys: {sorted(valid)}"
+            + (f" ({'; '.join(hints)})" if hints else "")
+        )
     kwargs: dict[str, Any] = {}
     for key, value in spec.items():
         if key == "diagnoses":
