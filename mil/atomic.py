@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once at import: os.umask can only be read by setting it
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -41,6 +43,7 @@ def atomic_path(final: str | os.PathLike, validate: Callable[[Path], None] | Non
         yield tmp
         if validate is not None:
             validate(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; a finished file gets the usual mode
         fsync_path(tmp)
         os.replace(tmp, final)
         fsync_path(final.parent)
