@@ -104,9 +104,11 @@ def bench_extract(args, work: Path) -> list[tuple[str, str]]:
     shapes = batch_sizes([len(r) for r in groups.values()], args.batch_size)
     n_cells = sum(shapes)
     bare_forward(encoder, shapes[:2], args.input_size, args.device)  # warm-up: lazy kernel selection
-    bare, ours = [], []
+    bare, ours, bare_cpu, ours_cpu = [], [], [], []
     for rep in range(args.repeats):
+        cpu0 = cpu_seconds()
         bare.append(n_cells / bare_forward(encoder, shapes, args.input_size, args.device))
+        bare_cpu.append(n_cells / (cpu_seconds() - cpu0))
         out = work / f"bags{rep}"
         config = ExtractConfig(
             cells=cells,
@@ -119,21 +121,38 @@ def bench_extract(args, work: Path) -> list[tuple[str, str]]:
             dtype=args.dtype,
             progress=False,
         )
-        start = time.perf_counter()
+        cpu0, start = cpu_seconds(), time.perf_counter()
         report = run_extract(config, log=lambda m: None, encoder=encoder)
         seconds = time.perf_counter() - start
+        ours_cpu.append(n_cells / (cpu_seconds() - cpu0))
         assert report.cells_embedded == n_cells and not report.failed
         ours.append(n_cells / seconds)
-        print(f"  repeat {rep}: bare {bare[-1]:.0f} cells/s, end to end {ours[-1]:.0f} cells/s", flush=True)
+        print(
+            f"  repeat {rep}: bare {bare[-1]:.0f} cells/s, end to end {ours[-1]:.0f} cells/s "
+            f"(ratio {ours[-1] / bare[-1]:.2f}; per CPU-second {bare_cpu[-1]:.0f} vs {ours_cpu[-1]:.0f})",
+            flush=True,
+        )
     b, o = statistics.median(bare), statistics.median(ours)
+    paired = statistics.median(x / y for x, y in zip(ours, bare))
+    cpu_ratio = statistics.median(ours_cpu) / statistics.median(bare_cpu)
     workers = args.workers if args.workers is not None else "auto"
     what = f"{args.encoder} {args.input_size}px {args.device}, {args.format} fields, {n_cells} cells"
     what += f", batch {args.batch_size}"
     return [
         (f"bare encoder forward ({what})", f"{b:,.0f} cells/s"),
         (f"mil extract end to end (workers {workers}, threads {torch.get_num_threads()})", f"{o:,.0f} cells/s"),
-        (f"end to end / bare forward (median of {args.repeats})", f"{o / b:.2f}"),
+        (f"end to end / bare forward, ratio of medians of {args.repeats}", f"{o / b:.2f}"),
+        (f"end to end / bare forward, median of the {args.repeats} interleaved pairs", f"{paired:.2f}"),
+        ("end to end / bare forward, cells per CPU-second of this process (robust to other load)", f"{cpu_ratio:.2f}"),
     ]
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DataLoader workers), user + system."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def bench_read(args, work: Path) -> list[tuple[str, str]]:

@@ -222,3 +222,10 @@ def test_encoder_of_another_width_is_refused_before_any_compute(tmp_path, monkey
     monkeypatch.setattr(features.cropping.FieldCrops, "__getitem__", no_crops)
     with pytest.raises(ConfigError, match="512-dim bags"):
         extract(cells, out, encoder="morphology.handcrafted")
+
+
+def test_dataloader_workers_give_the_same_bags_as_the_main_process(tmp_path):
+    cells = make_cohort(tmp_path, patients=2, cells=6, cells_per_image=3)
+    extract(cells, tmp_path / "main", encoder="morphology.handcrafted")
+    extract(cells, tmp_path / "workers", encoder="morphology.handcrafted", workers=2)
+    assert_same_bags(tmp_path / "main", tmp_path / "workers")
