@@ -30,9 +30,7 @@ class ABMIL(MilHead):
     ) -> None:
         super().__init__(in_dim=in_dim, num_classes=num_classes)
         self.project = CellProjection(in_dim=in_dim, hidden_dim=hidden_dim, dropout=dropout)
-        self.attend = GatedAttention(
-            hidden_dim=hidden_dim, attention_dim=attention_dim or hidden_dim, branches=1, dropout=dropout
-        )
+        self.attend = GatedAttention(hidden_dim=hidden_dim, attention_dim=attention_dim or hidden_dim, branches=1)
         self.classifier = nn.Linear(hidden_dim, num_classes)
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

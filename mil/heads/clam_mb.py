@@ -32,7 +32,7 @@ class ClamMB(MilHead):
         super().__init__(in_dim=in_dim, num_classes=num_classes)
         self.project = CellProjection(in_dim=in_dim, hidden_dim=hidden_dim, dropout=dropout)
         self.attend = GatedAttention(
-            hidden_dim=hidden_dim, attention_dim=attention_dim or hidden_dim, branches=num_classes, dropout=dropout
+            hidden_dim=hidden_dim, attention_dim=attention_dim or hidden_dim, branches=num_classes
         )
         # One linear classifier per class, each reading only its own branch's bag embedding.
         self.class_weight = nn.Parameter(torch.empty(num_classes, hidden_dim))

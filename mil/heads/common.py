@@ -61,19 +61,19 @@ class GatedAttention(nn.Module):
     """Gated attention scores (Ilse et al. 2018): ``w^T (tanh(V h) * sigmoid(U h))`` per branch.
 
     The score layer has no bias: a constant added before a softmax changes nothing, so a bias would
-    be a parameter that never learns.
+    be a parameter that never learns. No dropout here (as in Ilse et al. and torchmil): the cell
+    projection before it already drops, and a second mask over (B, N, A) costs as much as a Linear.
     """
 
-    def __init__(self, *, hidden_dim: int, attention_dim: int, branches: int, dropout: float) -> None:
+    def __init__(self, *, hidden_dim: int, attention_dim: int, branches: int) -> None:
         super().__init__()
         self.tanh_branch = nn.Linear(hidden_dim, attention_dim)
         self.gate_branch = nn.Linear(hidden_dim, attention_dim)
-        self.dropout = nn.Dropout(dropout)
         self.score = nn.Linear(attention_dim, branches, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gated = torch.tanh(self.tanh_branch(h)) * torch.sigmoid(self.gate_branch(h))  # (B, N, A)
-        return self.score(self.dropout(gated))  # (B, N, K) raw scores, K branches
+        return self.score(gated)  # (B, N, K) raw scores, K branches
 
 
 class MilHead(nn.Module):
@@ -100,7 +100,8 @@ class MilHead(nn.Module):
         """Logits (B,C) and attention (B,N) or (B,C,N) from one pass."""
         mask = check_batch(x, mask, in_dim=self.in_dim)
         # Zero the padding first: attention 0 times a NaN or inf padding value would still be NaN.
-        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+        if not bool(mask.all()):
+            x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
         return self._forward(x, mask)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,242 @@
+"""Benchmark of attention-MIL training: our ABMIL loop (mil.heads.train.fit_predict) against torchmil's
+ABMIL trained by torchmil's own Trainer and fed by torchmil's own ProcessedMILDataset, on the same bags.
+
+    .venv/bin/python experiments/bench_train.py [--patients 120] [--epochs 6] [--repeats 3] [--threads 1]
+
+Bags: a synthetic binary cohort (torchmil's ABMIL is binary), D=384 features per cell (DinoBloom-S
+width), 50-400 cells per patient, written once by the production writer features.bags.write_bag; the
+positive class has a few percent of "cue" cells shifted along one direction. torchmil reads the same
+.h5 files (its ProcessedMILDataset with file_ext=".h5"; labels live in a second folder of .h5 files).
+Same architecture (gated attention, hidden 128, attention 128, dropout 0.25 after the projection),
+same optimiser (AdamW lr 2e-4, wd 1e-2), same batch size, same number of epochs (no early stop), and
+both keep the epoch with the best validation AUROC. Timed: ours = reading the bags + fit_predict
+(training, per-epoch validation, checkpoints, test prediction); torchmil = Trainer.train (training and
+per-epoch validation). Training bags/s = train bags x epochs / seconds. The runs are interleaved
+(ours, torchmil, ours, ...) so load from other processes hits both alike; the median of the repeats
+is reported. AUROC of both final models is computed by the same function on validation and test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DIM, HIDDEN = 384, 128
+
+
+def write_cohort(root: Path, *, patients: int, seed: int) -> tuple[list[str], dict[str, int]]:
+    """Bags via write_bag, plus torchmil's label files; returns patient ids and their labels."""
+    import h5py
+
+    from features.bags import Bag, write_bag
+
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=DIM).astype(np.float32)
+    direction /= np.linalg.norm(direction)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    ids, labels = [], {}
+    for p in range(patients):
+        pid, target = f"P{p:04d}", p % 2
+        n = int(rng.integers(50, 401))
+        features = rng.normal(size=(n, DIM)).astype(np.float32)
+        if target:
+            cue = rng.choice(n, size=max(1, int(n * rng.uniform(0.02, 0.06))), replace=False)
+            features[cue] += 2.5 * direction
+        bag = Bag(
+            patient_id=pid,
+            features=features,
+            boxes=np.tile(np.array([0, 0, 8, 8], dtype=np.int32), (n, 1)),
+            image_index=np.zeros(n, dtype=np.int32),
+            image_paths=[f"fields/{pid}.png"],
+            cell_id=[f"{pid}-{i}" for i in range(n)],
+            label=np.full(n, -1, dtype=np.int64),
+            attrs={"encoder": "bench.synthetic", "encoder_config": {"name": "bench.synthetic", "embed_dim": DIM}},
+        )
+        write_bag(root / "bags" / f"{pid}.h5", bag, dtype="float32")
+        with h5py.File(root / "labels" / f"{pid}.h5", "w") as f:
+            f.create_dataset("labels", data=np.float32(target))
+        ids.append(pid)
+        labels[pid] = target
+    return ids, labels
+
+
+def run_ours(
+    root: Path, split: dict, labels: dict, *, epochs: int, batch_size: int, seed: int, log_dir: Path, max_cells: int
+):
+    from features.bags import read_bag
+    from mil.heads.data import BagRecord
+    from mil.heads.train import TrainConfig, fit_predict
+
+    start = time.perf_counter()
+    records = {
+        role: [BagRecord(pid, read_bag(root / "bags" / f"{pid}.h5").features, labels[pid]) for pid in ids]
+        for role, ids in split.items()
+    }
+    config = TrainConfig(
+        max_epochs=epochs,
+        patience=epochs,
+        batch_size=batch_size,
+        hidden_dim=HIDDEN,
+        seed=seed,
+        monitor="val_auroc",
+        max_cells_train=max_cells,
+    )
+    result = fit_predict(
+        "abmil",
+        train=records["train"],
+        val=records["val"],
+        test=records["val"] + records["test"],
+        num_classes=2,
+        config=config,
+        log_dir=log_dir,
+    )
+    seconds = time.perf_counter() - start
+    probs = result.probs[:, 1]
+    n_val = len(split["val"])
+    return seconds, len(result.history["epochs"]), probs[:n_val], probs[n_val:]
+
+
+def run_torchmil(root: Path, split: dict, *, epochs: int, batch_size: int, seed: int):
+    import h5py
+    import torch
+    import torchmetrics
+    from torch.utils.data import DataLoader
+    from torchmil.data import collate_fn
+    from torchmil.datasets import ProcessedMILDataset
+    from torchmil.models import ABMIL
+    from torchmil.utils.trainer import Trainer
+
+    def read_file(path: str, key: str) -> np.ndarray:
+        # torchmil's default reader slices with [:], which a scalar label dataset does not allow.
+        with h5py.File(path, "r") as f:
+            return np.asarray(f[key][()])
+
+    def dataset(ids):
+        return ProcessedMILDataset(
+            features_path=str(root / "bags"),
+            labels_path=str(root / "labels"),
+            bag_names=ids,
+            bag_keys=["X", "Y"],
+            file_ext=".h5",
+            read_file_fn=read_file,
+            verbose=False,
+        )
+
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    feat_ext = torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.ReLU(), torch.nn.Dropout(0.25))
+    model = ABMIL(in_shape=(DIM,), att_dim=HIDDEN, gated=True, feat_ext=feat_ext)
+    train = DataLoader(dataset(split["train"]), batch_size=batch_size, shuffle=True, collate_fn=collate_fn)
+    val = DataLoader(dataset(split["val"]), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    trainer = Trainer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-2),
+        metrics_dict={"auroc": torchmetrics.AUROC(task="binary")},
+        obj_metric="auroc",
+        obj_metric_mode="max",
+        device="cpu",
+        disable_pbar=True,
+        verbose=False,
+    )
+    trainer.train(max_epochs=epochs, train_dataloader=train, val_dataloader=val)
+    seconds = time.perf_counter() - start
+    best = trainer.get_best_model().eval()
+
+    def predict(ids):
+        with torch.no_grad():
+            return np.array([torch.sigmoid(best(dataset([i])[0]["X"][None])).item() for i in ids])
+
+    return seconds, predict(split["val"]), predict(split["test"])
+
+
+def auroc(scores: np.ndarray, ids: list[str], labels: dict) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score([labels[i] for i in ids], scores))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=120)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ours-max-cells",
+        default="512,128",
+        help="comma-separated max_cells_train values for our loop (512 is the TrainConfig default)",
+    )
+    args = parser.parse_args()
+
+    import torch
+
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        root = Path(tmp)
+        ids, labels = write_cohort(root, patients=args.patients, seed=args.seed)
+        rng = np.random.default_rng(args.seed + 1)
+        order = list(rng.permutation(ids))
+        n_val = n_test = args.patients // 6
+        split = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+        n_train = len(split["train"])
+        caps = [int(c) for c in args.ours_max_cells.split(",")]
+        rows: dict[str, list] = {**{f"ours, max_cells_train={c}": [] for c in caps}, "torchmil": []}
+        for rep in range(args.repeats):
+            for cap in caps:
+                seconds, ran, val_p, test_p = run_ours(
+                    root,
+                    split,
+                    labels,
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    seed=args.seed + rep,
+                    log_dir=root / f"ours{rep}-{cap}",
+                    max_cells=cap,
+                )
+                rows[f"ours, max_cells_train={cap}"].append(
+                    (n_train * ran / seconds, auroc(val_p, split["val"], labels), auroc(test_p, split["test"], labels))
+                )
+            seconds, val_p, test_p = run_torchmil(
+                root, split, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed + rep
+            )
+            rows["torchmil"].append(
+                (
+                    n_train * args.epochs / seconds,
+                    auroc(val_p, split["val"], labels),
+                    auroc(test_p, split["test"], labels),
+                )
+            )
+            print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f} bags/s" for k, v in rows.items()), flush=True)
+
+    cpu = platform.processor() or platform.machine()
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores, torch threads {args.threads}, load avg {os.getloadavg()}")
+    print(
+        f"cohort: {args.patients} patients ({n_train} train / {n_val} val / {n_test} test), D={DIM}, "
+        f"50-400 cells, hidden {HIDDEN}, batch {args.batch_size}, {args.epochs} epochs, {args.repeats} repeats"
+    )
+    reference = statistics.median(v[0] for v in rows["torchmil"])
+    print(
+        "\n| loop | training bags/s (median) | all repeats | vs torchmil | val AUROC (median) | test AUROC (median) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, values in rows.items():
+        speeds = [v[0] for v in values]
+        print(
+            f"| {name} | {statistics.median(speeds):.1f} | {', '.join(f'{s:.1f}' for s in speeds)} | "
+            f"{statistics.median(speeds) / reference:.2f}x | {statistics.median(v[1] for v in values):.3f} | "
+            f"{statistics.median(v[2] for v in values):.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
