@@ -22,7 +22,7 @@ COMPOSITION = np.array([[0.05, 0.6, 0.15, 0.2], [0.6, 0.05, 0.15, 0.2], [0.05, 0
 COUNT_HEADS = "count.logreg,count.rf,count.ratio,count.meta"
 
 
-def fake_bag(pid: str, dx: int, rng: np.random.Generator, n: int = 24, with_probs: bool = False) -> Bag:
+def fake_bag(pid: str, dx: int, rng: np.random.Generator, n: int = 24, with_probs: bool = False, **attrs) -> Bag:
     label = rng.choice(len(CLASSES), size=n, p=COMPOSITION[dx])
     centers = np.eye(len(CLASSES), 6) * 2.0  # each cell type has its own embedding center
     features = (centers[label] + 0.5 * rng.normal(size=(n, 6))).astype(np.float32)
@@ -40,16 +40,16 @@ def fake_bag(pid: str, dx: int, rng: np.random.Generator, n: int = 24, with_prob
         cell_id=[f"{pid}:{i}" for i in range(n)],
         label=label.astype(np.int64),
         cell_probs=probs,
-        attrs={"label_classes": CLASSES, "encoder_config": {"name": "fake.test", "embed_dim": 6}},
+        attrs={"label_classes": CLASSES, "encoder_config": {"name": "fake.test", "embed_dim": 6}, **attrs},
     )
 
 
-def write_cohort(root, n_per_class: int = 5, seed: int = 0, with_probs: bool = False, bag_dir: str = "bags"):
+def write_cohort(root, n_per_class: int = 5, seed: int = 0, with_probs: bool = False, bag_dir: str = "bags", **attrs):
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_per_class * len(DIAGNOSES)):
         pid, dx = f"P{i:02d}", i % len(DIAGNOSES)
-        write_bag(root / bag_dir / f"{pid}.h5", fake_bag(pid, dx, rng, with_probs=with_probs))
+        write_bag(root / bag_dir / f"{pid}.h5", fake_bag(pid, dx, rng, with_probs=with_probs, **attrs))
         rows.append({"patient_id": pid, "diagnosis": DIAGNOSES[dx], "age": str(5 + i)})
     PatientTable(rows=rows).write(root / "patients.csv")
     return root / bag_dir, root / "patients.csv"
@@ -62,7 +62,7 @@ def read_csv(path):
 
 def compare(bags, patients, out, *extra) -> int:
     args = ["compare", "--bags", str(bags), "--patients", str(patients), "--out", str(out)]
-    return main(args + ["--folds", "3", "--seeds", "2", "--n-boot", "200", *extra])
+    return main(args + ["--folds", "3", "--seeds", "2", "--n-boot", "100", *extra])
 
 
 def test_count_heads_write_every_result_and_a_rerun_reproduces_them(tmp_path, capsys):
@@ -172,3 +172,10 @@ def test_cross_fitted_counts_are_checked_for_leakage(tmp_path, capsys):
         config = load_compare_config(None, heads="count.logreg", folds=3, seeds=2, counts="hard",
                                      cell_probs_per_fold=str(tmp_path / "nowhere"), n_boot=100)  # fmt: skip
         run_compare(config, bags=bags, patients=patients, out=out, log=lambda _: None)
+
+
+def test_one_classifier_that_saw_the_test_patients_is_refused(tmp_path, capsys):
+    everyone = [f"P{i:02d}" for i in range(15)]
+    bags, patients = write_cohort(tmp_path, with_probs=True, classifier_train_patients=json.dumps(everyone))
+    assert compare(bags, patients, tmp_path / "out", "--heads", "count.logreg", "--counts", "hard") == 2
+    assert "was trained on" in capsys.readouterr().err

@@ -120,6 +120,19 @@ def _count_data_for_fold(config: CompareConfig, fold: dict, bag_dir_default, gro
     return build_count_data(bags, source=config.counts, group_by=group_by, groups=groups)
 
 
+def _check_single_classifier(bags: Path, loaded: dict, plan: dict, log) -> None:
+    """Counts from one classifier's cell_probs: refuse when it records training on a test patient of any fold."""
+    trained = trained_patients(bags, next(iter(loaded.values())))
+    if trained is None:
+        log(
+            "warning: counts come from cell_probs of a classifier that does not record its training patients; "
+            "unless it was cross-fitted, test patients leak. Use --cell-probs-per-fold (mil.protocol.crossfit_plan)."
+        )
+        return
+    for fold in plan.values():
+        check_crossfit(fold, trained, where=str(bags))
+
+
 def run_compare(
     config: CompareConfig, *, bags: str | Path, patients: str | Path, out: str | Path, log=print
 ) -> CompareResult:
@@ -158,6 +171,8 @@ def run_compare(
     if count_heads and not config.cell_probs_per_fold:
         shared_counts = build_count_data(loaded, source=config.counts, group_by=group_by, groups=groups)
     plan = {f["name"]: f for f in crossfit_plan(splits)}
+    if shared_counts is not None and config.counts != "truth":
+        _check_single_classifier(Path(bags), loaded, plan, log)
 
     n_seeds, index = len(splits.seeds), {p: i for i, p in enumerate(order)}
     result = CompareResult(
