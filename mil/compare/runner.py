@@ -101,10 +101,8 @@ def _train_config(config: CompareConfig, seed: int, head_kwargs: dict | None = N
     return TrainConfig(**options)
 
 
-def _count_data_for_fold(config: CompareConfig, fold: dict, bag_dir_default, groups, group_by, n_seeds: int):
-    """Count inputs for one fold: the shared bags, or that fold's cross-fitted classifier bags (checked)."""
-    if not config.cell_probs_per_fold:
-        return None
+def _count_data_for_fold(config: CompareConfig, fold: dict, groups, group_by, n_seeds: int):
+    """Count inputs for one fold from that fold's cross-fitted classifier bags, checked for leakage."""
     from features.bags import BagDirectory
 
     folder = crossfit_folder(Path(config.cell_probs_per_fold), fold, n_seeds)
@@ -193,8 +191,9 @@ def run_compare(
         s = splits.seeds.index(fs.seed)
         test_rows = [index[p] for p in fs.test]
         result.fold_of[s, test_rows] = fs.fold
-        fold_counts = _count_data_for_fold(config, plan[fs.name], directory, groups, group_by, n_seeds)
-        counts = fold_counts or shared_counts
+        counts = shared_counts
+        if count_heads and config.cell_probs_per_fold:
+            counts = _count_data_for_fold(config, plan[fs.name], groups, group_by, n_seeds)
         scores = []
         for h in config.heads:
             start = time.perf_counter()
