@@ -5,7 +5,7 @@ ABMIL trained by torchmil's own Trainer and fed by torchmil's own ProcessedMILDa
 
 Bags: a synthetic binary cohort (torchmil's ABMIL is binary), D=384 features per cell (DinoBloom-S
 width), 50-400 cells per patient, written once by the production writer features.bags.write_bag; the
-positive class has a few percent of "cue" cells shifted along one direction. torchmil reads the same
+positive class has a 4-10% of "cue" cells shifted along one direction. torchmil reads the same
 .h5 files (its ProcessedMILDataset with file_ext=".h5"; labels live in a second folder of .h5 files).
 Same architecture (gated attention, hidden 128, attention 128, dropout 0.25 after the projection),
 same optimiser (AdamW lr 2e-4, wd 1e-2), same batch size, same number of epochs (no early stop), and
@@ -47,8 +47,8 @@ def write_cohort(root: Path, *, patients: int, seed: int) -> tuple[list[str], di
         n = int(rng.integers(50, 401))
         features = rng.normal(size=(n, DIM)).astype(np.float32)
         if target:
-            cue = rng.choice(n, size=max(1, int(n * rng.uniform(0.02, 0.06))), replace=False)
-            features[cue] += 2.5 * direction
+            cue = rng.choice(n, size=max(2, int(n * rng.uniform(0.04, 0.10))), replace=False)
+            features[cue] += 3.0 * direction
         bag = Bag(
             patient_id=pid,
             features=features,
@@ -68,7 +68,16 @@ def write_cohort(root: Path, *, patients: int, seed: int) -> tuple[list[str], di
 
 
 def run_ours(
-    root: Path, split: dict, labels: dict, *, epochs: int, batch_size: int, seed: int, log_dir: Path, max_cells: int
+    root: Path,
+    split: dict,
+    labels: dict,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    log_dir: Path,
+    max_cells: int,
+    precision: str,
 ):
     from features.bags import read_bag
     from mil.heads.data import BagRecord
@@ -87,6 +96,7 @@ def run_ours(
         seed=seed,
         monitor="val_auroc",
         max_cells_train=max_cells,
+        precision=precision,
     )
     result = fit_predict(
         "abmil",
@@ -165,15 +175,15 @@ def auroc(scores: np.ndarray, ids: list[str], labels: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=120)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--ours-max-cells",
-        default="512,128",
-        help="comma-separated max_cells_train values for our loop (512 is the TrainConfig default)",
+        "--ours",
+        default="512:32-true,128:32-true,128:bf16-mixed",
+        help="comma-separated max_cells_train:precision variants of our loop (512:32-true is the TrainConfig default)",
     )
     args = parser.parse_args()
 
@@ -189,10 +199,10 @@ def main() -> None:
         n_val = n_test = args.patients // 6
         split = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
         n_train = len(split["train"])
-        caps = [int(c) for c in args.ours_max_cells.split(",")]
-        rows: dict[str, list] = {**{f"ours, max_cells_train={c}": [] for c in caps}, "torchmil": []}
+        variants = [(int(c), p) for c, p in (v.split(":") for v in args.ours.split(","))]
+        rows: dict[str, list] = {**{f"ours, max_cells_train={c}, {p}": [] for c, p in variants}, "torchmil": []}
         for rep in range(args.repeats):
-            for cap in caps:
+            for cap, precision in variants:
                 seconds, ran, val_p, test_p = run_ours(
                     root,
                     split,
@@ -200,10 +210,11 @@ def main() -> None:
                     epochs=args.epochs,
                     batch_size=args.batch_size,
                     seed=args.seed + rep,
-                    log_dir=root / f"ours{rep}-{cap}",
+                    log_dir=root / f"ours{rep}-{cap}-{precision}",
                     max_cells=cap,
+                    precision=precision,
                 )
-                rows[f"ours, max_cells_train={cap}"].append(
+                rows[f"ours, max_cells_train={cap}, {precision}"].append(
                     (n_train * ran / seconds, auroc(val_p, split["val"], labels), auroc(test_p, split["test"], labels))
                 )
             seconds, val_p, test_p = run_torchmil(

@@ -90,7 +90,7 @@ class HeadModule(L.LightningModule):
             # Dropout draws from a stream fixed by (seed, epoch, rank), so a resumed epoch replays exactly.
             torch.manual_seed(self.config.seed * 1_000_003 + self.current_epoch * 7919 + self.global_rank)
             self._train_loss = [0.0, 0]
-        logits = self.head(batch["x"], batch["mask"])  # (B, C)
+        logits = self.head(batch["x"], batch["mask"]).float()  # (B, C) fp32 loss under mixed precision too
         loss = torch.nn.functional.cross_entropy(logits, batch["target"], weight=self.class_weights)
         size = len(batch["target"])
         self._train_loss[0] += float(loss.detach()) * size

@@ -59,6 +59,9 @@ class TrainConfig:
     head_kwargs: dict = field(default_factory=dict)  # extra constructor options of the head
     wandb: str = "disabled"  # "offline" | "online" | "disabled"; WANDB_MODE=disabled in the env wins
     wandb_project: str = "cytomil"
+    # "32-true" (exact, reproducible to the bit on CPU) or "bf16-mixed" (autocast: ~1.6x faster Linear layers on
+    # CPUs with AVX512-BF16 and on GPUs; results differ from fp32 in the 3rd digit, still seeded).
+    precision: str = "32-true"
     enable_progress_bar: bool = False
     deterministic: bool = True
     resume: bool = True  # reuse a finished run / continue from last.ckpt when log_dir holds the same run
@@ -67,6 +70,8 @@ class TrainConfig:
         problems = []
         if self.monitor not in ("val_loss", "val_auroc"):
             problems.append(f"monitor={self.monitor!r}: use 'val_loss' or 'val_auroc'")
+        if self.precision not in ("32-true", "bf16-mixed", "16-mixed"):
+            problems.append(f"precision={self.precision!r}: use '32-true', 'bf16-mixed' or '16-mixed' (GPU)")
         if self.wandb not in ("offline", "online", "disabled"):
             problems.append(f"wandb={self.wandb!r}: use 'offline', 'online' or 'disabled'")
         for name in ("max_epochs", "batch_size", "devices", "hidden_dim"):
@@ -227,6 +232,7 @@ def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: 
         default_root_dir=str(log_dir),
         plugins=[AtomicCheckpointIO()],
         limit_val_batches=1.0 if has_val else 0,
+        precision=config.precision,
     )
     trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
 
