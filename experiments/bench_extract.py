@@ -104,6 +104,11 @@ def bench_extract(args, work: Path) -> list[tuple[str, str]]:
     shapes = batch_sizes([len(r) for r in groups.values()], args.batch_size)
     n_cells = sum(shapes)
     bare_forward(encoder, shapes[:2], args.input_size, args.device)  # warm-up: lazy kernel selection
+    # Warm-up extraction: the first run imports PIL plugins and h5py once per process, not per cell.
+    small = make_fields(work / "warm", patients=1, cells=4, per_field=4, side=128, fmt=args.format, seed=1)
+    warm = ExtractConfig(cells=small, encoder=args.encoder, out=work / "warm" / "bags", input_size=args.input_size)
+    warm.workers, warm.device, warm.progress = args.workers, args.device, False
+    run_extract(warm, log=lambda m: None, encoder=encoder)
     bare, ours, bare_cpu, ours_cpu = [], [], [], []
     for rep in range(args.repeats):
         cpu0 = cpu_seconds()

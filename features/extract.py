@@ -68,8 +68,17 @@ class ExtractReport:
         return dict(self.__dict__)
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """'I/N' -> (I, N) with 0 <= I < N."""
+def parse_shard(text: str, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N; 'auto' reads torchrun's RANK/WORLD_SIZE or a SLURM array's task id."""
+    if text == "auto":
+        env = dict(os.environ if env is None else env)
+        if "WORLD_SIZE" in env and "RANK" in env:
+            text = f"{env['RANK']}/{env['WORLD_SIZE']}"
+        elif "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            text = f"{int(env['SLURM_ARRAY_TASK_ID']) - first}/{env['SLURM_ARRAY_TASK_COUNT']}"
+        else:
+            return 0, 1
     try:
         index, count = (int(v) for v in text.split("/"))
     except ValueError as e:
@@ -77,6 +86,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise ConfigError(f"--shard {text!r}: need 0 <= I < N (shards are numbered from 0)")
     return index, count
+
+
+def resolve_device(device: str, env: dict[str, str] | None = None) -> str:
+    """'cuda' under torchrun means this process's own GPU (LOCAL_RANK); anything else is kept."""
+    env = os.environ if env is None else env
+    if device == "cuda" and "LOCAL_RANK" in env:
+        return f"cuda:{int(env['LOCAL_RANK'])}"
+    return device
 
 
 def shard_patients(patients: list[str], index: int, count: int) -> list[str]:
@@ -264,7 +281,7 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
         f"{len(report.up_to_date)} up to date, {len(work)} to compute"
     )
 
-    embed = _Embedder(encoder, config.device)
+    embed = _Embedder(encoder, resolve_device(config.device))
     workers = config.workers if config.workers is not None else choose_workers(config.device)
     out_dtype = torch.bfloat16 if embed.cuda else torch.float32  # autocast casts to bf16 anyway; halves IPC
     dataset = FieldCrops(

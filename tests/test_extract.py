@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from features.bags import BagDirectory, bag_path, read_bag, validate_bag
-from features.extract import ExtractConfig, parse_shard, run_extract, shard_patients
+from features.extract import ExtractConfig, parse_shard, resolve_device, run_extract, shard_patients
 from mil.atomic import leftover_temp_files
 from mil.cell_table import CellTable
 from mil.cli import main as mil_main
@@ -154,6 +154,10 @@ def test_shards_together_give_the_same_bags_as_one_process(tmp_path):
     parts = [shard_patients([f"p{i}" for i in range(7)], i, 3) for i in range(3)]
     assert sorted(sum(parts, [])) == [f"p{i}" for i in range(7)] and not set(parts[0]) & set(parts[1])
     assert parse_shard("1/4") == (1, 4)
+    assert parse_shard("auto", {"RANK": "2", "WORLD_SIZE": "3"}) == (2, 3)
+    slurm = {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert parse_shard("auto", slurm) == (1, 4) and parse_shard("auto", {}) == (0, 1)
+    assert resolve_device("cuda", {"LOCAL_RANK": "3"}) == "cuda:3" and resolve_device("cpu", {}) == "cpu"
     for bad in ("4/4", "x", "1/0"):
         with pytest.raises(ConfigError, match="shard"):
             parse_shard(bad)

@@ -17,8 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="bag directory (one encoder per directory)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: by device and CPUs)")
-    parser.add_argument("--shard", default="0/1", help="I/N: take the I-th of N disjoint shares of the patients")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        help="I/N: the I-th of N disjoint shares of the patients (0-based); auto: from torchrun or a SLURM array",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: cuda:LOCAL_RANK) or cuda:k")
     parser.add_argument("--dtype", default="float32", choices=("float16", "float32"), help="stored feature type")
     parser.add_argument("--context", type=float, default=0.0, help="margin around each box, fraction of its size")
     parser.add_argument("--label-map", type=Path, default=None, help="label map YAML (default configs/label_map.yaml)")
