@@ -33,6 +33,14 @@ class DetectorConfig:
     smallest_anchor: int = 16  # anchor side on the finest FPN level; doubles per level
     fpn_channels: int = 128
     box_head_dim: int = 256  # torchvision's 1024 is sized for 80 COCO classes; cells need fewer
+    # Freeze the backbone layers before the first FPN level: their backward pass at full resolution is most of a
+    # CPU step, and ImageNet edges/colours need no retraining. Default: frozen exactly when init is 'imagenet'.
+    freeze_stem: bool | None = None
+    # Sampled anchors / proposals per image: a field holds tens of cells, not COCO's hundreds of objects.
+    rpn_batch_per_image: int = 256
+    box_batch_per_image: int = 128
+    proposals_train: int = 1000
+    proposals_test: int = 500
     score_threshold: float = 0.05
     nms_iou: float = 0.5
     detections_per_image: int = 300
@@ -122,7 +130,7 @@ def _tiny() -> BackboneSpec:
 class TimmFPN(nn.Module):
     """timm feature levels -> FPN maps (+ a max-pooled level), the input torchvision's Faster R-CNN expects."""
 
-    def __init__(self, *, spec: BackboneSpec, fpn_channels: int, init: str) -> None:
+    def __init__(self, *, spec: BackboneSpec, fpn_channels: int, init: str, freeze_stem: bool = False) -> None:
         import timm
         from torchvision.ops import FeaturePyramidNetwork
         from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -141,6 +149,12 @@ class TimmFPN(nn.Module):
                 raise ConfigError(f"EfficientNet-Lite0 weights miss backbone tensors {missing[:5]}")
             # Batches of a few images make BatchNorm statistics noise: keep the ImageNet ones.
             self.body = timm.layers.freeze_batch_norm_2d(self.body)
+        if freeze_stem:
+            first_level = self.body.feature_info.module_name()[0]  # module of the first FPN level
+            for name, p in self.body.named_parameters():
+                if name.startswith(first_level + ".") or name.startswith(first_level.replace(".", "_") + "."):
+                    break
+                p.requires_grad_(False)
         self.fpn = FeaturePyramidNetwork(
             self.body.feature_info.channels(), fpn_channels, extra_blocks=LastLevelMaxPool()
         )
@@ -164,7 +178,8 @@ def build_detector(config: DetectorConfig) -> nn.Module:
             return image, target
 
     spec = backbone_spec(config.backbone)
-    backbone = TimmFPN(spec=spec, fpn_channels=config.fpn_channels, init=config.init)
+    freeze = config.freeze_stem if config.freeze_stem is not None else config.init == "imagenet"
+    backbone = TimmFPN(spec=spec, fpn_channels=config.fpn_channels, init=config.init, freeze_stem=freeze)
     sizes = tuple(
         (config.smallest_anchor * 2**i, int(config.smallest_anchor * 2**i * 1.5)) for i in range(backbone.num_levels)
     )
@@ -177,6 +192,12 @@ def build_detector(config: DetectorConfig) -> nn.Module:
         box_score_thresh=config.score_threshold,
         box_nms_thresh=config.nms_iou,
         box_detections_per_img=config.detections_per_image,
+        rpn_batch_size_per_image=config.rpn_batch_per_image,
+        box_batch_size_per_image=config.box_batch_per_image,
+        rpn_pre_nms_top_n_train=config.proposals_train * 2,
+        rpn_post_nms_top_n_train=config.proposals_train,
+        rpn_pre_nms_top_n_test=config.proposals_test * 2,
+        rpn_post_nms_top_n_test=config.proposals_test,
         image_mean=list(spec.mean),
         image_std=list(spec.std),
     )
