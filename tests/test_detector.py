@@ -200,3 +200,17 @@ def _iou(a, b) -> float:
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_train_detector_cli_with_held_out_patients(tmp_path, capsys):
+    import json
+
+    from mil.cli import main
+
+    write_fields(tmp_path, n_patients=4)
+    out = tmp_path / "run"
+    args = ["train-detector", "--cells", str(tmp_path / "cells.csv"), "--out", str(out), "--backbone", "tiny_fpn"]
+    assert main([*args, "--classes", "labels", "--max-steps", "2", "--holdout-fraction", "0.25"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["held_out_patients"]) == 1 and set(metrics["ap50_per_class"]) <= {"blast", "lymphocyte"}
+    assert "AP@0.5" in capsys.readouterr().out
