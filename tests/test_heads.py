@@ -115,3 +115,19 @@ def test_duplicate_registration_is_an_error():
         @register_head("abmil")
         class Again(MilHead):
             pass
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_covariates_reach_the_logits_and_leave_attention_alone(name):
+    head = _head(name, dropout=0.0, covariate_dim=2).double().eval()
+    x, mask = _bags()
+    covariates = torch.randn(3, 2, dtype=torch.float64)
+    logits, attention = head.forward_with_attention(x, mask, covariates)
+    shifted, attention_shifted = head.forward_with_attention(x, mask, covariates + 1.0)
+    assert not torch.allclose(logits, shifted)
+    torch.testing.assert_close(attention, attention_shifted)
+    head.train()
+    head(x, mask, covariates).sum().backward()
+    assert head.covariate_classifier.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="covariate_dim=2"):
+        head(x, mask)

@@ -41,7 +41,7 @@ def tiny_config(**overrides) -> TrainConfig:
 
 
 def test_pad_collate_masks_exactly_the_real_cells():
-    items = [(torch.ones(3, 2), 0, 0), (torch.ones(5, 2), 1, 1)]
+    items = [(torch.ones(3, 2), 0, 0, None), (torch.ones(5, 2), 1, 1, None)]
     batch = pad_collate(items)
     assert batch["x"].shape == (2, 5, 2)
     assert batch["mask"].sum(1).tolist() == [3, 5]
@@ -142,6 +142,27 @@ def test_rerun_reuses_a_finished_run_and_a_changed_config_retrains(tmp_path):
         "max", train=train, val=val, test=test, num_classes=3, config=tiny_config(max_epochs=2), log_dir=tmp_path
     )
     assert len(changed.history["epochs"]) == 2
+
+
+def test_covariates_carry_a_signal_the_cells_do_not(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def bags(n, offset):
+        # Cells are pure noise; the diagnosis is whether the "age" covariate is above 10 years (none within 2).
+        ages = rng.uniform(0, 8, size=n) + 12 * (np.arange(n) % 2)
+        return [
+            BagRecord(f"c{offset + i}", rng.normal(size=(8, 4)).astype(np.float32), int(a > 10), np.array([a]))
+            for i, a in enumerate(ages)
+        ]
+
+    train, val, test = bags(40, 0), bags(10, 100), bags(20, 200)
+    config = tiny_config(max_epochs=20, lr=3e-2, max_cells_train=None, patience=20)
+    result = fit_predict("mean", train=train, val=val, test=test, num_classes=2, config=config, log_dir=tmp_path)
+    accuracy = (result.probs.argmax(1) == np.array([r.target for r in test])).mean()
+    assert accuracy >= 0.9
+    test[0].covariates = np.array([np.nan])
+    with pytest.raises(InputError, match="c200"):
+        fit_predict("mean", train=train, val=val, test=test, num_classes=2, config=config, log_dir=tmp_path / "nan")
 
 
 def test_bf16_mixed_precision_trains_and_predicts(tmp_path):

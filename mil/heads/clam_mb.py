@@ -28,8 +28,9 @@ class ClamMB(MilHead):
         hidden_dim: int = 128,
         attention_dim: int | None = None,
         dropout: float = 0.25,
+        covariate_dim: int = 0,
     ) -> None:
-        super().__init__(in_dim=in_dim, num_classes=num_classes)
+        super().__init__(in_dim=in_dim, num_classes=num_classes, covariate_dim=covariate_dim)
         self.project = CellProjection(in_dim=in_dim, hidden_dim=hidden_dim, dropout=dropout)
         self.attend = GatedAttention(
             hidden_dim=hidden_dim, attention_dim=attention_dim or hidden_dim, branches=num_classes

@@ -81,31 +81,54 @@ class MilHead(nn.Module):
 
     ``multi_branch`` says whether attention is (B,N) or (B,C,N); ``attention_meaning`` documents what
     the weights are for the report (e.g. "uniform" for mean pooling).
+
+    Patient covariates (age, blood counts; ``covariate_dim`` > 0) join every head the same way: a linear
+    term ``W_cov @ covariates`` added to the logits. Every head ends in a linear classifier, so this is
+    exactly concatenating the covariates to the bag embedding before that classifier (for multi-branch
+    heads: to each class's embedding), without touching the head's own code or its attention.
     """
 
     multi_branch: bool = False
     attention_meaning: str = "softmax attention weight of the cell"
 
-    def __init__(self, *, in_dim: int, num_classes: int) -> None:
+    def __init__(self, *, in_dim: int, num_classes: int, covariate_dim: int = 0) -> None:
         super().__init__()
-        if in_dim < 1 or num_classes < 1:
-            raise ValueError(f"in_dim and num_classes must be >= 1, got in_dim={in_dim}, num_classes={num_classes}")
+        if in_dim < 1 or num_classes < 1 or covariate_dim < 0:
+            raise ValueError(
+                f"in_dim and num_classes must be >= 1 and covariate_dim >= 0, got in_dim={in_dim}, "
+                f"num_classes={num_classes}, covariate_dim={covariate_dim}"
+            )
         self.in_dim = in_dim
         self.num_classes = num_classes
+        self.covariate_dim = covariate_dim
+        self.covariate_classifier = nn.Linear(covariate_dim, num_classes, bias=False) if covariate_dim else None
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def forward_with_attention(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B,C) and attention (B,N) or (B,C,N) from one pass."""
+    def forward_with_attention(
+        self, x: torch.Tensor, mask: torch.Tensor, covariates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B,C) and attention (B,N) or (B,C,N) from one pass; covariates (B,K) when covariate_dim=K."""
         mask = check_batch(x, mask, in_dim=self.in_dim)
+        expected = (x.shape[0], self.covariate_dim)
+        if self.covariate_dim and (covariates is None or tuple(covariates.shape) != expected):
+            got = None if covariates is None else tuple(covariates.shape)
+            raise ValueError(
+                f"this head was built with covariate_dim={self.covariate_dim}: pass covariates {expected}, got {got}"
+            )
+        if not self.covariate_dim and covariates is not None:
+            raise ValueError("covariates given to a head built with covariate_dim=0; build it with covariate_dim=K")
         # Zero the padding first: attention 0 times a NaN or inf padding value would still be NaN.
         if not bool(mask.all()):
             x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
-        return self._forward(x, mask)
+        logits, attention = self._forward(x, mask)  # (B, C), (B, N) or (B, C, N)
+        if self.covariate_classifier is not None:
+            logits = logits + self.covariate_classifier(covariates.to(logits.dtype))  # (B, C)
+        return logits, attention
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_attention(x, mask)[0]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_with_attention(x, mask, covariates)[0]
 
-    def attention(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_attention(x, mask)[1]
+    def attention(self, x: torch.Tensor, mask: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_with_attention(x, mask, covariates)[1]

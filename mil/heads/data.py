@@ -22,11 +22,31 @@ from mil.errors import InputError
 
 @dataclass
 class BagRecord:
-    """One patient's bag: cell features (N, D) float32 and the diagnosis index."""
+    """One patient's bag: cell features (N, D) float32, the diagnosis index and optional patient
+    covariates (K,) such as age; when one record has covariates, every record of the run must."""
 
     patient_id: str
     features: np.ndarray
     target: int
+    covariates: np.ndarray | None = None
+
+
+def covariate_width(records: list[BagRecord], *, role: str) -> int:
+    """K when every record carries K finite covariates, 0 when none does; anything else is an InputError."""
+    widths = {None if r.covariates is None else np.asarray(r.covariates).reshape(-1).shape[0] for r in records}
+    if not widths or widths == {None}:
+        return 0
+    problems = [f"{role} patient {r.patient_id}: no covariates" for r in records if r.covariates is None]
+    if len(widths - {None}) > 1:
+        problems.append(f"{role} records mix covariate counts {sorted(w for w in widths if w is not None)}")
+    problems += [
+        f"{role} patient {r.patient_id}: covariates hold NaN or inf (fill or drop the missing value)"
+        for r in records
+        if r.covariates is not None and not np.isfinite(np.asarray(r.covariates, dtype=np.float64)).all()
+    ]
+    if problems:
+        raise InputError(f"{len(problems)} covariate problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    return next(iter(widths))
 
 
 def check_records(records: list[BagRecord], *, num_classes: int, role: str) -> int:
@@ -71,6 +91,10 @@ class BagDataset(Dataset):
         self.epoch_source = epoch_source
         self.features = [torch.from_numpy(np.ascontiguousarray(r.features, dtype=np.float32)) for r in records]
         self.targets = [int(r.target) for r in records]
+        self.covariates = [
+            None if r.covariates is None else torch.as_tensor(np.asarray(r.covariates, dtype=np.float32).reshape(-1))
+            for r in records
+        ]
         self.max_cells = max_cells
         self.seed = seed
         self.epoch = 0
@@ -85,30 +109,34 @@ class BagDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
         features = self.features[index]
         if self.max_cells and len(features) > self.max_cells:
             epoch = self.epoch_source() if self.epoch_source else self.epoch
             keep = np.sort(_rng(self.seed, epoch, index).choice(len(features), self.max_cells, replace=False))
             features = features[torch.from_numpy(keep)]
-        return features, self.targets[index], index
+        return features, self.targets[index], index, self.covariates[index]
 
 
-def pad_collate(items: list[tuple[torch.Tensor, int, int]]) -> dict[str, torch.Tensor]:
-    """Stack bags of different sizes into x (B, N_max, D) zero-padded, mask (B, N_max) True = real cell."""
-    longest = max(len(f) for f, _, _ in items)
+def pad_collate(items: list[tuple]) -> dict[str, torch.Tensor]:
+    """Stack (features, target, index[, covariates]) items into x (B, N_max, D) zero-padded, mask (B, N_max)
+    True = real cell, target (B,), index (B,), and covariates (B, K) when the items carry them."""
+    longest = max(len(item[0]) for item in items)
     dim = items[0][0].shape[1]
     x = torch.zeros(len(items), longest, dim, dtype=items[0][0].dtype)
     mask = torch.zeros(len(items), longest, dtype=torch.bool)
-    for row, (features, _, _) in enumerate(items):
-        x[row, : len(features)] = features
-        mask[row, : len(features)] = True
-    return {
+    for row, item in enumerate(items):
+        x[row, : len(item[0])] = item[0]
+        mask[row, : len(item[0])] = True
+    batch = {
         "x": x,
         "mask": mask,
-        "target": torch.tensor([t for _, t, _ in items], dtype=torch.long),
-        "index": torch.tensor([i for _, _, i in items], dtype=torch.long),
+        "target": torch.tensor([item[1] for item in items], dtype=torch.long),
+        "index": torch.tensor([item[2] for item in items], dtype=torch.long),
     }
+    if len(items[0]) > 3 and items[0][3] is not None:
+        batch["covariates"] = torch.stack([item[3] for item in items])  # (B, K)
+    return batch
 
 
 class LengthBucketSampler(Sampler[list[int]]):

@@ -30,8 +30,9 @@ class DSMIL(MilHead):
         hidden_dim: int = 128,
         query_dim: int = 128,
         dropout: float = 0.25,
+        covariate_dim: int = 0,
     ) -> None:
-        super().__init__(in_dim=in_dim, num_classes=num_classes)
+        super().__init__(in_dim=in_dim, num_classes=num_classes, covariate_dim=covariate_dim)
         self.project = CellProjection(in_dim=in_dim, hidden_dim=hidden_dim, dropout=dropout)
         self.instance_classifier = nn.Linear(hidden_dim, num_classes)
         self.query = nn.Sequential(nn.Linear(hidden_dim, query_dim), nn.Tanh())

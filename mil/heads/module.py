@@ -90,7 +90,7 @@ class HeadModule(L.LightningModule):
             # Dropout draws from a stream fixed by (seed, epoch, rank), so a resumed epoch replays exactly.
             torch.manual_seed(self.config.seed * 1_000_003 + self.current_epoch * 7919 + self.global_rank)
             self._train_loss = [0.0, 0]
-        logits = self.head(batch["x"], batch["mask"]).float()  # (B, C) fp32 loss under mixed precision too
+        logits = self.head(batch["x"], batch["mask"], batch.get("covariates")).float()  # (B, C) fp32 loss always
         loss = torch.nn.functional.cross_entropy(logits, batch["target"], weight=self.class_weights)
         size = len(batch["target"])
         self._train_loss[0] += float(loss.detach()) * size
@@ -99,7 +99,7 @@ class HeadModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self.head(batch["x"], batch["mask"])  # (B, C)
+        logits = self.head(batch["x"], batch["mask"], batch.get("covariates"))  # (B, C)
         self._val_outputs.append((logits.detach().float().cpu(), batch["target"].cpu()))
 
     def on_validation_epoch_end(self) -> None:
@@ -149,7 +149,8 @@ def evaluate_bags(
     sampler = LengthBucketSampler(data.lengths(), batch_size=batch_size, shuffle=False)
     for indices in sampler:
         batch = pad_collate([data[i] for i in indices])
-        logits, weights = head.forward_with_attention(batch["x"].to(device), batch["mask"].to(device))
+        covariates = batch["covariates"].to(device) if "covariates" in batch else None
+        logits, weights = head.forward_with_attention(batch["x"].to(device), batch["mask"].to(device), covariates)
         probs[indices] = torch.softmax(logits.double(), dim=1).cpu().numpy()
         for row, index in enumerate(indices):
             n = len(records[index].features)

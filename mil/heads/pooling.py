@@ -22,8 +22,10 @@ class MeanPool(MilHead):
     multi_branch = False
     attention_meaning = "uniform weight 1/n (mean pooling)"
 
-    def __init__(self, *, in_dim: int, num_classes: int, hidden_dim: int = 128, dropout: float = 0.25) -> None:
-        super().__init__(in_dim=in_dim, num_classes=num_classes)
+    def __init__(
+        self, *, in_dim: int, num_classes: int, hidden_dim: int = 128, dropout: float = 0.25, covariate_dim: int = 0
+    ) -> None:
+        super().__init__(in_dim=in_dim, num_classes=num_classes, covariate_dim=covariate_dim)
         self.project = CellProjection(in_dim=in_dim, hidden_dim=hidden_dim, dropout=dropout)
         self.classifier = nn.Linear(hidden_dim, num_classes)
 
@@ -40,8 +42,10 @@ class MaxPool(MilHead):
     multi_branch = False
     attention_meaning = "share of hidden dimensions where the cell is the maximum (max pooling)"
 
-    def __init__(self, *, in_dim: int, num_classes: int, hidden_dim: int = 128, dropout: float = 0.25) -> None:
-        super().__init__(in_dim=in_dim, num_classes=num_classes)
+    def __init__(
+        self, *, in_dim: int, num_classes: int, hidden_dim: int = 128, dropout: float = 0.25, covariate_dim: int = 0
+    ) -> None:
+        super().__init__(in_dim=in_dim, num_classes=num_classes, covariate_dim=covariate_dim)
         self.project = CellProjection(in_dim=in_dim, hidden_dim=hidden_dim, dropout=dropout)
         self.classifier = nn.Linear(hidden_dim, num_classes)
 

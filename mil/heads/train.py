@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 from mil.atomic import atomic_write_text
 from mil.errors import ConfigError
 from mil.heads.common import MilHead
-from mil.heads.data import BagRecord, check_records
+from mil.heads.data import BagRecord, check_records, covariate_width
 from mil.heads.module import AtomicCheckpointIO, HeadModule, evaluate_bags
 from mil.heads.registry import create_head
 
@@ -124,7 +124,28 @@ def _fingerprint(head: MilHead, train: list[BagRecord], val: list[BagRecord], co
         for r in records:
             digest.update(f"{role}:{r.patient_id}:{int(r.target)}".encode())
             digest.update(np.ascontiguousarray(r.features, dtype=np.float32).tobytes())
+            if r.covariates is not None:
+                digest.update(np.ascontiguousarray(r.covariates, dtype=np.float64).tobytes())
     return digest.hexdigest()
+
+
+def _standardize_covariates(
+    train: list[BagRecord], others: list[list[BagRecord]], width: int
+) -> tuple[list[BagRecord], list[list[BagRecord]]]:
+    """z-score covariates with the training patients' mean and std (no statistic of a test patient leaks in);
+    covariates such as age in years would otherwise dwarf the logits of the cells at initialisation."""
+    if not width:
+        return train, others
+    values = np.stack([np.asarray(r.covariates, dtype=np.float64).reshape(-1) for r in train])
+    mean, std = values.mean(axis=0), values.std(axis=0) + 1e-6
+
+    def scaled(records):
+        return [
+            replace(r, covariates=((np.asarray(r.covariates, np.float64).reshape(-1) - mean) / std).astype(np.float32))
+            for r in records
+        ]
+
+    return scaled(train), [scaled(group) for group in others]
 
 
 def _class_weights(train: list[BagRecord], num_classes: int, weighted: bool) -> torch.Tensor:
@@ -254,14 +275,22 @@ def fit_predict(
     config = config or TrainConfig()
     log_dir = Path(log_dir)
     in_dim = check_records(train, num_classes=num_classes, role="training")
+    covariates = covariate_width(train, role="training")
     for role, records in (("validation", val), ("test", test)):
         if records and check_records(records, num_classes=num_classes, role=role) != in_dim:
             raise ConfigError(f"the {role} bags differ in feature width from the training bags ({in_dim})")
+        if records and covariate_width(records, role=role) != covariates:
+            raise ConfigError(f"the {role} records do not carry the {covariates} covariates of the training records")
+    train, (val, test) = _standardize_covariates(train, [val, test], covariates)
     with _quiet(not config.enable_progress_bar):
         L.seed_everything(config.seed, workers=True, verbose=False)
         if isinstance(head, str):
             kwargs = {"hidden_dim": config.hidden_dim, "dropout": config.dropout, **config.head_kwargs}
+            if covariates:
+                kwargs["covariate_dim"] = covariates
             head = create_head(head, in_dim=in_dim, num_classes=num_classes, **kwargs)
+        if head.covariate_dim != covariates:
+            raise ConfigError(f"the head takes {head.covariate_dim} covariates but the records carry {covariates}")
         monitor = config.monitor
         if monitor == "val_auroc" and len({int(r.target) for r in val}) < 2:
             monitor = "val_loss"  # AUROC needs two classes in validation; loss always exists

@@ -74,9 +74,16 @@ class TransMIL(MilHead):
     attention_meaning = "class-token attention to the cell in the last layer, mean over heads"
 
     def __init__(
-        self, *, in_dim: int, num_classes: int, hidden_dim: int = 128, heads: int = 4, dropout: float = 0.25
+        self,
+        *,
+        in_dim: int,
+        num_classes: int,
+        hidden_dim: int = 128,
+        heads: int = 4,
+        dropout: float = 0.25,
+        covariate_dim: int = 0,
     ) -> None:
-        super().__init__(in_dim=in_dim, num_classes=num_classes)
+        super().__init__(in_dim=in_dim, num_classes=num_classes, covariate_dim=covariate_dim)
         self.project = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim) / math.sqrt(hidden_dim))
         self.layer1 = MaskedSelfAttention(dim=hidden_dim, heads=heads, dropout=dropout)
