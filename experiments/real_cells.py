@@ -58,7 +58,7 @@ def run_bccd(out: Path, budget: dict, device: str, seed: int) -> dict:
         backbone="efficientnet_lite0_fpn", init="imagenet", classes=classes, pixel_scale=budget["bccd_scale"]
     )
     tc = DetectorTrainConfig(
-        epochs=budget["bccd_epochs"], batch_size=4, lr=5e-4, warmup_steps=20, seed=seed, device=device
+        epochs=budget["bccd_epochs"], batch_size=4, lr=5e-4, warmup_steps=20, seed=seed, device=device, verbose=True
     )
     start = time.perf_counter()
     result = train_detector(cells, out_dir=out / "detector", config=config, train_config=tc, patients=lists["train"])
@@ -109,6 +109,7 @@ def run_pbc(out: Path, budget: dict, device: str, seed: int) -> dict:
         test_fraction=0.25,
         seed=seed,
         accelerator="gpu" if device == "cuda" else "cpu",
+        verbose=True,
     )
     start = time.perf_counter()
     result = train_classifier(cells, out_dir=out / "classifier", config=config)
@@ -148,9 +149,15 @@ def run_synth(out: Path, budget: dict, device: str, seed: int) -> dict:
     # Only a few erythrocytes per field carry a box: the detector learns the nucleated cells, the reference
     # study's detection target, and is scored on them.
     nucleated = CellTable(rows=[r for r in cells.rows if r["label"] not in ("erythrocyte", "drop")])
-    config = DetectorConfig(backbone="efficientnet_lite0_fpn", init="imagenet", pixel_scale=0.5)
+    config = DetectorConfig(backbone="efficientnet_lite0_fpn", init="imagenet", pixel_scale=0.75, smallest_anchor=12)
     tc = DetectorTrainConfig(
-        epochs=budget["synth_det_epochs"], batch_size=4, lr=5e-4, warmup_steps=20, seed=seed, device=device
+        epochs=budget["synth_det_epochs"],
+        batch_size=4,
+        lr=5e-4,
+        warmup_steps=20,
+        seed=seed,
+        device=device,
+        verbose=True,
     )
     start = time.perf_counter()
     det = train_detector(nucleated, out_dir=out / "detector", config=config, train_config=tc,
@@ -166,6 +173,7 @@ def run_synth(out: Path, budget: dict, device: str, seed: int) -> dict:
         arch="tf_efficientnet_lite0", init="imagenet", crop_size=budget["synth_crop"],
         max_epochs=budget["synth_clf_epochs"], batch_size=64, lr=2e-3, seed=seed,
         accelerator="gpu" if device == "cuda" else "cpu",
+        verbose=True,
     )  # fmt: skip
     start = time.perf_counter()
     clf = train_classifier(cells, out_dir=out / "classifier", config=clf_config, split=split)

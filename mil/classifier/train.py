@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class ClassifierConfig:
     accelerator: str = "cpu"
     devices: int = 1
     num_workers: int = 0
+    verbose: bool = False  # one line per epoch (losses, seconds) on stdout
 
     def __post_init__(self) -> None:
         if self.imbalance not in IMBALANCE:
@@ -118,6 +120,20 @@ class _KeepBest(L.Callback):
         if loss < self.best:
             self.best, self.epoch = loss, trainer.current_epoch
             self.state = copy.deepcopy(module.net.state_dict())
+
+
+class _EpochPrinter(L.Callback):
+    """One line per epoch: the progress bar is off (it floods logs of batch jobs), this is what a user watches."""
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        train = module.history["train_loss"][-1] if module.history["train_loss"] else float("nan")
+        val = module.history["val_loss"][-1] if module.history["val_loss"] else float("nan")
+        seconds = time.perf_counter() - self.start
+        epoch = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        print(f"{epoch}: train loss {train:.4f}, val loss {val:.4f}, {seconds:.0f} s", flush=True)
 
 
 class _EpochCounter(L.Callback):
@@ -212,7 +228,7 @@ def train_classifier(
         val_set = CropDataset(crops=crops["val"], targets=targets["val"], mean=mean, std=std)
         val_loader = _loader(val_set, config, train=False)
     keep_best = _KeepBest()
-    callbacks = [keep_best, _EpochCounter(train_set)]
+    callbacks = [keep_best, _EpochCounter(train_set)] + ([_EpochPrinter()] if config.verbose else [])
     if has_val and config.patience > 0:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience))
     trainer = L.Trainer(

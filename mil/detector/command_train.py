@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         seed=args.seed,
         device=args.device,
+        verbose=True,
     )
     patients, held_out = cells.patients(), []
     if args.holdout_fraction > 0:

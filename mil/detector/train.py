@@ -28,6 +28,7 @@ class DetectorTrainConfig:
     max_steps: int = -1  # stop after this many optimizer steps (tests, smoke runs); -1 = no limit
     seed: int = 0
     device: str = "cpu"
+    verbose: bool = False  # one line per epoch on stdout
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -102,6 +103,11 @@ def train_detector(
             if step >= total:
                 break
         history["epoch_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+        if tc.verbose:
+            print(
+                f"detector epoch {epoch + 1}/{tc.epochs}: loss {history['epoch_loss'][-1]:.4f} ({step} steps)",
+                flush=True,
+            )
         if step >= total:
             break
     model.eval()
