@@ -199,8 +199,11 @@ class _Embedder:
                 x = x.contiguous(memory_format=torch.channels_last)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
             with autocast:
-                feats = self.encoder(x)  # (B, D)
-                probs = self.encoder.cell_probs(x) if self.with_probs else None  # (B, C)
+                if self.with_probs and hasattr(self.encoder, "embed_with_probs"):
+                    feats, probs = self.encoder.embed_with_probs(x)  # (B, D), (B, C) from one backbone pass
+                else:
+                    feats = self.encoder(x)  # (B, D)
+                    probs = self.encoder.cell_probs(x) if self.with_probs else None  # (B, C)
             feats = feats.float().cpu().numpy()
             probs = probs.float().cpu().numpy() if probs is not None else None
         return feats, probs

@@ -233,3 +233,27 @@ def test_dataloader_workers_give_the_same_bags_as_the_main_process(tmp_path):
     extract(cells, tmp_path / "main", encoder="morphology.handcrafted")
     extract(cells, tmp_path / "workers", encoder="morphology.handcrafted", workers=2)
     assert_same_bags(tmp_path / "main", tmp_path / "workers")
+
+
+def test_cell_classifier_encoder_stores_cell_probs(tmp_path):
+    import timm
+
+    from features.encoders.classifier import save_classifier_checkpoint
+
+    classes = ["blast", "lymphocyte", "erythrocyte"]
+    weights = tmp_path / "classifier.pt"
+    save_classifier_checkpoint(
+        weights,
+        model=timm.create_model("resnet18", num_classes=3, pretrained=False),
+        arch="resnet18",
+        input_size=32,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        class_names=classes,
+    )
+    cells = make_cohort(tmp_path, patients=1, cells=5)
+    extract(cells, tmp_path / "bags", encoder="classifier.file", weights=str(weights))
+    bag = read_bag(bag_path(tmp_path / "bags", "P00"))
+    assert bag.cell_probs.shape == (5, 3) and bag.features.shape == (5, 512)
+    np.testing.assert_allclose(bag.cell_probs.sum(1), 1.0, rtol=1e-5)
+    assert bag.encoder_config["extra"]["class_names"] == classes and bag.encoder_config["weights_sha256"]
