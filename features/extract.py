@@ -4,6 +4,15 @@ Resumable by construction: a patient is skipped only when its bag validates and 
 cell-table fingerprint, encoder config, preprocessing, label classes and dtype as this run; anything
 else (missing, truncated, stale) is recomputed. Batches never span patients, so a patient's bag does
 not depend on which other patients were done in this run (resume and shards give identical arrays).
+
+Scale out: `--shard I/N` takes every N-th patient of the sorted list, so N processes fill one folder
+together, each writing only its own patients' bags (and its own run report):
+
+    sbatch --array=0-7 --wrap 'mil extract --cells cells.csv --encoder dinobloom_s.v1 --weights ds.pth \
+        --out bags/dinobloom_s --device cuda --shard auto'            # SLURM array: shard = task id
+    torchrun --nproc-per-node 4 -m mil.cli extract ... --device cuda --shard auto   # cuda:LOCAL_RANK each
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i mil extract ... --device cuda --shard $i/4 & done; wait
+    mil verify bags/dinobloom_s
 """
 
 from __future__ import annotations
