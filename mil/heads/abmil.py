@@ -1,6 +1,7 @@
 """Gated attention-MIL (ABMIL, Ilse et al. 2018): one attention distribution over the cells of a bag.
 
 cells -> per-cell projection -> gated attention scores -> masked softmax -> weighted mean -> classifier.
+The per-cell layers run on the real cells only (packed), so padding in a batch costs no compute.
 With ``num_classes=1`` and no dropout it computes exactly torchmil's ``ABMIL(gated=True)`` whose
 ``feat_ext`` is the same Linear + ReLU projection (see tests/test_torchmil_crosscheck.py).
 """
@@ -18,6 +19,7 @@ from mil.heads.registry import register_head
 @register_head("abmil")
 class ABMIL(MilHead):
     multi_branch = False
+    reads_padding = False
 
     def __init__(
         self,
@@ -35,8 +37,11 @@ class ABMIL(MilHead):
         self.classifier = nn.Linear(hidden_dim, num_classes)
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.project(x)  # (B, N, H)
-        scores = rearrange(self.attend(h), "b n 1 -> b n")  # (B, N)
+        bag, cell = mask.nonzero(as_tuple=True)  # (R,), (R,) the R real cells of the batch
+        h = self.project(x[bag, cell])  # (R, H)
+        real_scores = rearrange(self.attend(h), "r 1 -> r")  # (R,)
+        scores = real_scores.new_full(mask.shape, float("-inf")).index_put((bag, cell), real_scores)  # (B, N)
         weights = masked_softmax(scores, mask)  # (B, N), 0 on padding
-        pooled = einsum(weights, h, "b n, b n h -> b h")  # (B, H)
+        weighted = einsum(weights[bag, cell], h, "r, r h -> r h")  # (R, H)
+        pooled = h.new_zeros(mask.shape[0], h.shape[1]).index_add(0, bag, weighted)  # (B, H)
         return self.classifier(pooled), weights  # (B, C), (B, N)

@@ -90,6 +90,8 @@ class MilHead(nn.Module):
 
     multi_branch: bool = False
     attention_meaning: str = "softmax attention weight of the cell"
+    # A head that gathers the real cells before any per-cell layer never reads padding and skips zeroing it.
+    reads_padding: bool = True
 
     def __init__(self, *, in_dim: int, num_classes: int, covariate_dim: int = 0) -> None:
         super().__init__()
@@ -120,7 +122,7 @@ class MilHead(nn.Module):
         if not self.covariate_dim and covariates is not None:
             raise ValueError("covariates given to a head built with covariate_dim=0; build it with covariate_dim=K")
         # Zero the padding first: attention 0 times a NaN or inf padding value would still be NaN.
-        if not bool(mask.all()):
+        if self.reads_padding and not bool(mask.all()):
             x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
         logits, attention = self._forward(x, mask)  # (B, C), (B, N) or (B, C, N)
         if self.covariate_classifier is not None:
