@@ -238,7 +238,7 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
     from torch.utils.data import DataLoader
 
     from features.preprocess import crop_transform
-    from features.registry import create_encoder
+    from features.registry import create_encoder, resolve_entry
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.perf_counter()
@@ -257,10 +257,15 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
     classes, label_index = label_classes(table, config.label_map)
     patients = shard_patients(list(groups), *config.shard)
 
-    # The encoder is built and its width checked against the folder before any crop is made.
-    encoder = encoder or create_encoder(config.encoder, weights=config.weights, input_size=config.input_size)
-    enc_config = config_dict(encoder.config)
+    # Width checked against the folder before any compute: from the registry entry when it declares one
+    # (no weights loaded), and again from the built encoder's config before any crop is made.
     out = Path(config.out)
+    if encoder is None:
+        declared = resolve_entry(config.encoder)[0].embed_dim
+        if declared is not None:
+            check_encoder_width(out, {"name": config.encoder, "embed_dim": declared})
+        encoder = create_encoder(config.encoder, weights=config.weights, input_size=config.input_size)
+    enc_config = config_dict(encoder.config)
     check_encoder_width(out, enc_config)
     out.mkdir(parents=True, exist_ok=True)
     removed = _remove_temp_files(out, patients, whole_dir=config.shard[1] == 1)

@@ -226,6 +226,9 @@ def test_encoder_of_another_width_is_refused_before_any_compute(tmp_path, monkey
     monkeypatch.setattr(features.cropping.FieldCrops, "__getitem__", no_crops)
     with pytest.raises(ConfigError, match="512-dim bags"):
         extract(cells, out, encoder="morphology.handcrafted")
+    # An entry that declares its width is refused before its weights are even looked for.
+    with pytest.raises(ConfigError, match="384-dim embeddings but .* 512-dim bags"):
+        extract(cells, out, encoder="dinobloom_s.v1", weights=str(tmp_path / "absent.pth"))
 
 
 def test_dataloader_workers_give_the_same_bags_as_the_main_process(tmp_path):
