@@ -260,3 +260,22 @@ def test_cell_classifier_encoder_stores_cell_probs(tmp_path):
     assert bag.cell_probs.shape == (5, 3) and bag.features.shape == (5, 512)
     np.testing.assert_allclose(bag.cell_probs.sum(1), 1.0, rtol=1e-5)
     assert bag.encoder_config["extra"]["class_names"] == classes and bag.encoder_config["weights_sha256"]
+
+
+def test_unsafe_patient_id_and_unknown_labels_are_refused_with_names(tmp_path):
+    from mil.errors import InputError
+    from mil.labels import DEFAULT_LABEL_MAP
+
+    cells = make_cohort(tmp_path, patients=2, cells=3)
+    table = CellTable(rows=_rows(cells))
+    for r in table.rows:
+        if r["patient_id"] == "P01":
+            r["patient_id"] = "../escape"
+    table.write(cells)
+    with pytest.raises(InputError, match=r"'\.\./escape'"):
+        extract(cells, tmp_path / "bags", encoder="morphology.handcrafted")
+    assert not (tmp_path / "escape.h5").exists()
+    cells = make_cohort(tmp_path / "b", patients=1, cells=3, labels=("Weird Cell",))
+    # With an explicit label map, a label it does not know is an error naming the label (never a silent -1).
+    with pytest.raises(InputError, match="Weird Cell"):
+        extract(cells, tmp_path / "bags2", encoder="morphology.handcrafted", label_map=DEFAULT_LABEL_MAP)
