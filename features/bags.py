@@ -165,7 +165,7 @@ def write_bag(path: str | Path, bag: Bag, *, dtype: str | None = None) -> Path:
     dtype = dtype or str(np.asarray(bag.features).dtype)
     if dtype not in FEATURE_DTYPES:
         raise ConfigError(f"bag dtype {dtype!r} is not supported; choose one of {list(FEATURE_DTYPES)}")
-    attrs = dict(bag.attrs)
+    attrs = {k: v for k, v in bag.attrs.items() if v is not None}  # None: "not given", the default applies
     attrs.setdefault("encoder", config_dict(attrs.get("encoder_config")).get("name", ""))
     attrs.setdefault("encoder_config", {})
     attrs.setdefault("cell_table_fingerprint", "")
@@ -199,7 +199,8 @@ def write_bag(path: str | Path, bag: Bag, *, dtype: str | None = None) -> Path:
         if bag.cell_probs is not None:
             f.create_dataset("cell_probs", data=np.asarray(bag.cell_probs, dtype=np.float32))
         for key, value in attrs.items():
-            f.attrs[key] = canonical_json(value) if key in JSON_ATTRS else value
+            structured = key in JSON_ATTRS or isinstance(value, dict | list | tuple)
+            f.attrs[key] = canonical_json(value) if structured else value
     return path
 
 
