@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--ours",
-        default="512:32-true,128:32-true,128:bf16-mixed",
+        default="512:32-true,512:bf16-mixed,128:32-true",
         help="comma-separated max_cells_train:precision variants of our loop (512:32-true is the TrainConfig default)",
     )
     args = parser.parse_args()
