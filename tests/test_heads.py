@@ -131,3 +131,13 @@ def test_covariates_reach_the_logits_and_leave_attention_alone(name):
     assert head.covariate_classifier.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="covariate_dim=2"):
         head(x, mask)
+
+
+def test_mil_heads_command_lists_every_head(capsys):
+    from mil.cli import main
+
+    assert main(["heads", "--names"]) == 0
+    assert capsys.readouterr().out.split() == list_heads()
+    assert main(["heads"]) == 0
+    table = capsys.readouterr().out
+    assert "clam_mb" in table and "(C, N)" in table

@@ -253,3 +253,18 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     assert [e["epoch"] for e in last["history"]["epochs"]] == [0, 1]
     # 16 bags in batches of 4 = 4 batches per epoch, shared by 2 ranks: 2 optimizer steps per epoch.
     assert last["global_step"] == 4
+
+
+def test_wandb_stays_off_when_the_environment_disables_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    fit_predict(
+        "mean",
+        train=make_bags(6, 0),
+        val=make_bags(3, 1),
+        test=make_bags(3, 2),
+        num_classes=3,
+        config=tiny_config(max_epochs=1, wandb="offline"),
+        log_dir=tmp_path,
+    )
+    assert not (tmp_path / "wandb").exists()
+    assert (tmp_path / "csv" / "metrics.csv").exists()

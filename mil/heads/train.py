@@ -296,11 +296,8 @@ def fit_predict(
             monitor = "val_loss"  # AUROC needs two classes in validation; loss always exists
         run_config = TrainConfig.from_dict({**config.to_dict(), "monitor": monitor})
         state = _prepare_log_dir(log_dir, _fingerprint(head, train, val, run_config), run_config)
-        module = HeadModule(
-            head, train=train, val=val, config=run_config, class_weights=_class_weights(train, num_classes, True)
-        )
-        if not run_config.class_weighted:
-            module.class_weights.fill_(1.0)
+        weights = _class_weights(train, num_classes, run_config.class_weighted)
+        module = HeadModule(head, train=train, val=val, config=run_config, class_weights=weights)
         ckpt_dir = log_dir / CHECKPOINT_DIR
         if state != "finished":
             resume_from = ckpt_dir / "last.ckpt" if state == "resume" else None
