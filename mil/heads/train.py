@@ -5,7 +5,11 @@ batches, early stopping on the inner validation split with the best checkpoint r
 always and wandb only when asked. Checkpoints are written atomically and loaded with
 ``weights_only=True``; a run interrupted mid-epoch resumes from ``last.ckpt`` in its ``log_dir`` and
 ends with the same weights, and a finished run is not trained again (its best checkpoint is reused).
-With ``devices > 1`` it trains with DDP (gloo on CPU); see ``TrainConfig.strategy``.
+With ``devices > 1`` it trains with DDP (gloo on CPU, nccl on GPUs); see ``TrainConfig.strategy``. Every
+rank builds the same length-bucketed batch list and takes every ``devices``-th batch, so one optimiser step
+sees ``batch_size x devices`` bags; every rank validates all validation bags, so the early-stopping metric
+is the same on all ranks without gathering. Only rank 0 writes ``finished.json``; ``is_global_zero()``
+tells a caller launched with ``strategy="ddp"`` (torchrun) which process should write its outputs.
 """
 
 from __future__ import annotations
