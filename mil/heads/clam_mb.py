@@ -19,6 +19,7 @@ from mil.heads.registry import register_head
 @register_head("clam_mb")
 class ClamMB(MilHead):
     multi_branch = True
+    reads_padding = False  # the per-cell layers run on the real cells only
 
     def __init__(
         self,
@@ -41,9 +42,14 @@ class ClamMB(MilHead):
         nn.init.xavier_uniform_(self.class_weight)
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.project(x)  # (B, N, H)
-        scores = rearrange(self.attend(h), "b n c -> b c n")  # (B, C, N)
+        bag, cell = mask.nonzero(as_tuple=True)  # (R,), (R,) the R real cells of the batch
+        h = self.project(x[bag, cell])  # (R, H)
+        real_scores = self.attend(h)  # (R, C)
+        scores = real_scores.new_full((*mask.shape, self.num_classes), float("-inf"))  # (B, N, C)
+        scores = rearrange(scores.index_put((bag, cell), real_scores), "b n c -> b c n")  # (B, C, N)
         weights = masked_softmax(scores, rearrange(mask, "b n -> b 1 n"))  # (B, C, N), 0 on padding
-        pooled = einsum(weights, h, "b c n, b n h -> b c h")  # (B, C, H) one embedding per class
+        real_weights = rearrange(weights, "b c n -> b n c")[bag, cell]  # (R, C)
+        weighted = einsum(real_weights, h, "r c, r h -> r c h")  # (R, C, H)
+        pooled = h.new_zeros(mask.shape[0], self.num_classes, h.shape[1]).index_add(0, bag, weighted)  # (B, C, H)
         logits = einsum(pooled, self.class_weight, "b c h, c h -> b c") + self.class_bias  # (B, C)
         return logits, weights

@@ -10,7 +10,7 @@ On small cohorts mean pooling with a linear classifier is the baseline attention
 from __future__ import annotations
 
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 from torch import nn
 
 from mil.heads.common import CellProjection, MilHead
@@ -21,6 +21,7 @@ from mil.heads.registry import register_head
 class MeanPool(MilHead):
     multi_branch = False
     attention_meaning = "uniform weight 1/n (mean pooling)"
+    reads_padding = False  # the projection runs on the real cells only
 
     def __init__(
         self, *, in_dim: int, num_classes: int, hidden_dim: int = 128, dropout: float = 0.25, covariate_dim: int = 0
@@ -30,10 +31,11 @@ class MeanPool(MilHead):
         self.classifier = nn.Linear(hidden_dim, num_classes)
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.project(x)  # (B, N, H)
-        real = mask.to(h.dtype)  # (B, N)
-        weights = real / real.sum(dim=1, keepdim=True)  # (B, N) uniform over real cells
-        pooled = einsum(weights, h, "b n, b n h -> b h")  # (B, H)
+        bag, cell = mask.nonzero(as_tuple=True)  # (R,), (R,) the R real cells of the batch
+        h = self.project(x[bag, cell])  # (R, H)
+        count = rearrange(mask.sum(dim=1).to(h.dtype), "b -> b 1")  # (B, 1)
+        pooled = h.new_zeros(mask.shape[0], h.shape[1]).index_add(0, bag, h) / count  # (B, H)
+        weights = mask.to(h.dtype) / count  # (B, N) uniform over real cells
         return self.classifier(pooled), weights  # (B, C), (B, N)
 
 
