@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from features.bags import (
+    MANIFEST_NAME,
     Bag,
     bag_path,
     canonical_json,
@@ -155,13 +156,23 @@ def bag_status(path: Path, *, expect: dict) -> str | None:
     return None
 
 
-def _remove_temp_files(out: Path, patients: list[str], whole_dir: bool) -> list[Path]:
-    """Temp files of a killed run. A shard removes only its own patients': others may be writing theirs."""
+def _report_name(shard: tuple[int, int]) -> str:
+    index, count = shard
+    return "extract_report.json" if count == 1 else f"extract_report.shard-{index}-of-{count}.json"
+
+
+def _remove_temp_files(
+    out: Path, patients: list[str], shard: tuple[int, int], *, now: float | None = None
+) -> list[Path]:
+    """Temp files of a killed run. One process removes them all; a shard removes its own patients' and
+    report's, and shared ones (the manifest's) only when older than a minute: others may be writing theirs."""
     removed = []
-    prefixes = tuple(f".{p}.h5." for p in patients)
+    own = (*(f".{p}.h5." for p in patients), f".{_report_name(shard)}.")
+    now = time.time() if now is None else now
     for tmp in leftover_temp_files(out):
-        if whole_dir or tmp.name.startswith(prefixes):
-            with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            stale_shared = tmp.name.startswith(f".{MANIFEST_NAME}.") and now - tmp.stat().st_mtime > 60
+            if shard[1] == 1 or tmp.name.startswith(own) or stale_shared:
                 tmp.unlink()
                 removed.append(tmp)
     return removed
@@ -268,7 +279,7 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
     enc_config = config_dict(encoder.config)
     check_encoder_width(out, enc_config)
     out.mkdir(parents=True, exist_ok=True)
-    removed = _remove_temp_files(out, patients, whole_dir=config.shard[1] == 1)
+    removed = _remove_temp_files(out, patients, config.shard)
     if removed:
         log(f"removed {len(removed)} temporary file(s) left by an interrupted run")
     preprocess = {"context": config.context}
@@ -404,7 +415,7 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
 def _write_report(out: Path, config: ExtractConfig, report: ExtractReport) -> Path:
     """The run's report beside the bags; one per shard, so parallel shards never write the same file."""
     index, count = config.shard
-    name = "extract_report.json" if count == 1 else f"extract_report.shard-{index}-of-{count}.json"
+    name = _report_name(config.shard)
     payload = {"encoder": config.encoder, "cells": str(config.cells), "shard": f"{index}/{count}", **report.to_dict()}
     path = out / name
     atomic_write_text(

@@ -279,3 +279,20 @@ def test_unsafe_patient_id_and_unknown_labels_are_refused_with_names(tmp_path):
     # With an explicit label map, a label it does not know is an error naming the label (never a silent -1).
     with pytest.raises(InputError, match="Weird Cell"):
         extract(cells, tmp_path / "bags2", encoder="morphology.handcrafted", label_map=DEFAULT_LABEL_MAP)
+
+
+def test_a_shard_removes_only_its_own_and_orphaned_temp_files(tmp_path):
+    import os
+    import time
+
+    from features.extract import _remove_temp_files
+
+    names = [".P00.h5.a1.tmp", ".P01.h5.b2.tmp", ".manifest.json.c3.tmp", ".extract_report.shard-0-of-2.json.d4.tmp"]
+    for name in names:
+        (tmp_path / name).write_text("partial")
+    removed = {p.name for p in _remove_temp_files(tmp_path, ["P00"], (0, 2))}
+    assert removed == {".P00.h5.a1.tmp", ".extract_report.shard-0-of-2.json.d4.tmp"}  # P01 may be another shard's
+    old = time.time() - 3600
+    os.utime(tmp_path / ".manifest.json.c3.tmp", (old, old))
+    assert {p.name for p in _remove_temp_files(tmp_path, ["P00"], (0, 2))} == {".manifest.json.c3.tmp"}
+    assert {p.name for p in _remove_temp_files(tmp_path, [], (0, 1))} == {".P01.h5.b2.tmp"}  # one process: all
