@@ -45,11 +45,14 @@ def instrument_loops() -> None:
     def started(self) -> None:
         epoch_start[0] = time.perf_counter()
 
-    def validation_started(self) -> None:  # Lightning validates at the end of the training epoch
+    epoch_end = HeadModule.on_train_epoch_end
+
+    def ended(self) -> None:  # our validation, logging and checkpoints run from here on
         TRAIN_SECONDS[0] += time.perf_counter() - epoch_start[0]
+        epoch_end(self)
 
     HeadModule.on_train_epoch_start = started
-    HeadModule.on_validation_epoch_start = validation_started
+    HeadModule.on_train_epoch_end = ended
     shared_loop = Trainer._shared_loop
 
     def timed_loop(self, dataloader, epoch=0, mode="train"):

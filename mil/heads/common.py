@@ -50,11 +50,39 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.softmax(filled, dim=-1).masked_fill(~mask, 0.0)
 
 
+class CellDropout(nn.Module):
+    """Inverted dropout (as ``nn.Dropout``: zero with probability p, scale the rest by 1/(1-p)) whose mask
+    on CPU comes from 16-bit random integers compared with a threshold, i.e. the keep probability is
+    rounded to a multiple of 1/65536 (exact for 0.25). torch's per-element Bernoulli draw on CPU cost as
+    much as the Linear layer before it (~3x this). On other devices it is ``nn.functional.dropout``.
+    The mask comes from torch's global generator, so ``torch.manual_seed`` fixes it as before."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout p={p} must be in [0, 1)")
+        self.p = float(p)
+        self.threshold = round((1.0 - self.p) * 65536) - 32768  # int16 below this value = keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return nn.functional.dropout(x, self.p, training=True)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # 64 random bits each
+        keep = bits.view(torch.int16)[:n].view(x.shape) < self.threshold
+        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class CellProjection(nn.Sequential):
     """Per-cell Linear -> ReLU -> Dropout from the bag's feature width to the head's hidden width."""
 
     def __init__(self, *, in_dim: int, hidden_dim: int, dropout: float) -> None:
-        super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+        super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(), CellDropout(dropout))
 
 
 class GatedAttention(nn.Module):

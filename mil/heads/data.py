@@ -10,7 +10,7 @@ a hook, because a resumed run skips some epoch-start hooks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,6 +137,21 @@ def pad_collate(items: list[tuple]) -> dict[str, torch.Tensor]:
     if len(items[0]) > 3 and items[0][3] is not None:
         batch["covariates"] = torch.stack([item[3] for item in items])  # (B, K)
     return batch
+
+
+def padded_batches(records: list[BagRecord], *, max_cells: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(record indices, padded batch) over all bags sorted by length, each batch holding at most ``max_cells``
+    padded cells (and at least one bag): for evaluation, where a few large batches beat many small ones."""
+    data = BagDataset(records)
+    lengths = data.lengths()
+    batch: list[int] = []
+    for index in np.argsort(lengths, kind="stable").tolist():
+        if batch and lengths[index] * (len(batch) + 1) > max_cells:  # sorted: this bag is the longest so far
+            yield batch, pad_collate([data[i] for i in batch])
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch, pad_collate([data[i] for i in batch])
 
 
 class LengthBucketSampler(Sampler[list[int]]):

@@ -10,15 +10,36 @@ from torch.utils.data import DataLoader
 
 from mil.atomic import atomic_path
 from mil.heads.common import MilHead
-from mil.heads.data import BagDataset, BagRecord, LengthBucketSampler, pad_collate
+from mil.heads.data import BagDataset, BagRecord, LengthBucketSampler, pad_collate, padded_batches
+
+# Padded cells per validation forward pass: one pass for a typical validation split, bounded memory for big ones.
+VAL_CELLS_PER_BATCH = 32768
+
+
+def binary_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC of ``scores`` for the boolean labels ``positive`` (ties count one half), as sklearn's
+    roc_auc_score computes it: the Mann-Whitney U statistic from average ranks. numpy only, because the
+    validation of every epoch calls it and sklearn's argument checks cost more than the computation."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUROC needs both positives and negatives")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    # Average rank (1-based) of each run of equal scores.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def macro_auroc(probs: np.ndarray, targets: np.ndarray) -> float:
     """Mean one-vs-rest AUROC over the classes with both positives and negatives; NaN when none has."""
-    from sklearn.metrics import roc_auc_score
-
     scores = [
-        roc_auc_score(targets == c, probs[:, c])
+        binary_auroc(probs[:, c], targets == c)
         for c in range(probs.shape[1])
         if 0 < (targets == c).sum() < len(targets)
     ]
@@ -52,7 +73,7 @@ class HeadModule(L.LightningModule):
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.history: list[dict] = []
         self._train_loss = [0.0, 0]
-        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._val_batches: list[tuple[list[int], dict]] | None = None
         self._val_metrics: dict = {}
 
     def _data_epoch(self) -> int:
@@ -76,14 +97,11 @@ class HeadModule(L.LightningModule):
         )
         return DataLoader(data, batch_sampler=sampler, collate_fn=pad_collate, num_workers=0)
 
-    def val_dataloader(self) -> DataLoader:
-        # Every rank validates all bags: metrics agree across ranks without gathering, and val is small.
-        data = BagDataset(self.val_records)
-        sampler = LengthBucketSampler(data.lengths(), batch_size=self.config.batch_size, shuffle=False)
-        return DataLoader(data, batch_sampler=sampler, collate_fn=pad_collate, num_workers=0)
-
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.head.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        # The fused kernel updates all parameters in one pass (~3x faster than the per-tensor loop on CPU).
+        fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=fused or None)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if batch_idx == 0:
@@ -101,31 +119,39 @@ class HeadModule(L.LightningModule):
         # Lightning's generic walk over the batch is measurable per step; our batches are flat dicts of tensors.
         return batch if device.type == "cpu" else {key: value.to(device) for key, value in batch.items()}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self.head(batch["x"], batch["mask"], batch.get("covariates"))  # (B, C)
-        self._val_outputs.append((logits.detach().float().cpu(), batch["target"].cpu()))
-
-    def on_validation_epoch_end(self) -> None:
-        if not self._val_outputs:
-            return
-        logits = torch.cat([o[0] for o in self._val_outputs])
-        targets = torch.cat([o[1] for o in self._val_outputs])
-        self._val_outputs = []
-        loss = float(torch.nn.functional.cross_entropy(logits, targets, weight=self.class_weights.cpu()))
-        auroc = macro_auroc(torch.softmax(logits, dim=1).numpy(), targets.numpy())
-        self._val_metrics = {"val_loss": loss, "val_auroc": auroc}
-        self.log("val_loss", loss, sync_dist=True)
-        total, count = self._train_loss
-        if count:
-            self.log("train_loss", total / count, sync_dist=True)
-        self.log("val_auroc", auroc if np.isfinite(auroc) else 0.0, sync_dist=True)
-        self._close_epoch()
-
     def on_train_epoch_end(self) -> None:
-        if not self.val_records:  # otherwise validation already logged it
-            total, count = self._train_loss
-            self.log("train_loss", total / max(count, 1), sync_dist=True)
+        # Validation runs here, not in Lightning's evaluation loop: a whole loop (dataloader, hooks, mode
+        # switches, per-batch logging) per epoch cost more than the forward pass over the validation bags.
+        # Keys logged in this hook are visible to EarlyStopping and RunCheckpoint (Lightning calls the
+        # monitoring callbacks after the module's on_train_epoch_end). Every rank validates all bags, so
+        # the metrics agree across ranks without gathering.
+        total, count = self._train_loss
+        self.log("train_loss", total / max(count, 1), sync_dist=True)
+        if self.val_records:
+            loss, auroc = self.validate()
+            self._val_metrics = {"val_loss": loss, "val_auroc": auroc}
+            self.log("val_loss", loss, sync_dist=True)
+            self.log("val_auroc", auroc if np.isfinite(auroc) else 0.0, sync_dist=True)
         self._close_epoch()
+
+    def validate(self) -> tuple[float, float]:
+        """Class-weighted loss and macro AUROC over all validation bags, in few large masked batches."""
+        if self._val_batches is None:  # padded once: the validation bags never change
+            self._val_batches = list(padded_batches(self.val_records, max_cells=VAL_CELLS_PER_BATCH))
+        was_training = self.head.training
+        self.head.eval()
+        try:
+            with torch.inference_mode(), self.trainer.precision_plugin.forward_context():
+                logits = torch.cat([self._logits(batch).float().cpu() for _, batch in self._val_batches])  # (V, C)
+        finally:
+            self.head.train(was_training)
+        targets = torch.cat([batch["target"] for _, batch in self._val_batches])  # (V,)
+        loss = float(torch.nn.functional.cross_entropy(logits, targets, weight=self.class_weights.cpu()))
+        return loss, macro_auroc(torch.softmax(logits, dim=1).numpy(), targets.numpy())
+
+    def _logits(self, batch: dict) -> torch.Tensor:
+        covariates = batch["covariates"].to(self.device) if "covariates" in batch else None
+        return self.head(batch["x"].to(self.device), batch["mask"].to(self.device), covariates)  # (B, C)
 
     def _close_epoch(self) -> None:
         """Record this epoch once (checkpoint saves and epoch-end hooks may both ask, in either order)."""

@@ -36,6 +36,9 @@ from mil.heads.registry import create_head
 CHECKPOINT_DIR = "checkpoints"
 RUN_FILE = "run.json"
 FINISHED_FILE = "finished.json"
+# A killed run loses at most this much training; every write is atomic with fsync and a re-read.
+LAST_EVERY_EPOCHS = 5
+LAST_EVERY_SECONDS = 60.0
 
 
 @dataclass
@@ -215,29 +218,24 @@ def _prepare_log_dir(log_dir: Path, fingerprint: str, config: TrainConfig) -> st
 
 def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: Path | None, has_val: bool) -> None:
     import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from mil.heads.checkpoints import RunCheckpoint
 
     mode = "min" if config.monitor == "val_loss" else "max"
-    ckpt_dir = log_dir / CHECKPOINT_DIR
-    callbacks = [
-        # Lightning's save_last=True only refreshes last.ckpt when a top-k file is saved, i.e. when the
-        # monitored metric improves; resuming needs every epoch, so an unmonitored saver keeps last.ckpt.
-        ModelCheckpoint(
-            dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1, enable_version_counter=False
-        ),
-    ]
+    callbacks = []
     if has_val:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=str(ckpt_dir),
-                filename="best",
-                monitor=config.monitor,
-                mode=mode,
-                save_top_k=1,
-                enable_version_counter=False,
-            )
-        )
         callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
+    # last.ckpt every few epochs and at the end, best.ckpt with it (see mil.heads.checkpoints: resume is exact).
+    callbacks.append(
+        RunCheckpoint(
+            dirpath=log_dir / CHECKPOINT_DIR,
+            monitor=config.monitor if has_val else None,
+            mode=mode,
+            every_epochs=LAST_EVERY_EPOCHS,
+            every_seconds=LAST_EVERY_SECONDS,
+        )
+    )
     strategy = config.strategy
     if strategy == "auto":
         strategy = "auto" if config.devices == 1 else ("ddp_fork" if config.accelerator == "cpu" else "ddp_spawn")
@@ -256,7 +254,7 @@ def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: 
         log_every_n_steps=1,
         default_root_dir=str(log_dir),
         plugins=[AtomicCheckpointIO()],
-        limit_val_batches=1.0 if has_val else 0,
+        limit_val_batches=0,  # HeadModule validates in on_train_epoch_end (one batched pass)
         precision=config.precision,
     )
     trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
