@@ -112,6 +112,7 @@ def run_ours(
     log_dir: Path,
     max_cells: int,
     precision: str,
+    lr: float,
 ):
     from features.bags import read_bag
     from mil.heads.data import BagRecord
@@ -132,6 +133,7 @@ def run_ours(
         monitor="val_auroc",
         max_cells_train=max_cells,
         precision=precision,
+        lr=lr,
     )
     result = fit_predict(
         "abmil",
@@ -148,7 +150,7 @@ def run_ours(
     return seconds, TRAIN_SECONDS[0], len(result.history["epochs"]), probs[:n_val], probs[n_val:]
 
 
-def run_torchmil(root: Path, split: dict, *, epochs: int, batch_size: int, seed: int):
+def run_torchmil(root: Path, split: dict, *, epochs: int, batch_size: int, seed: int, lr: float):
     import h5py
     import torch
     import torchmetrics
@@ -183,7 +185,7 @@ def run_torchmil(root: Path, split: dict, *, epochs: int, batch_size: int, seed:
     val = DataLoader(dataset(split["val"]), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     trainer = Trainer(
         model,
-        torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-2),
+        torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2),
         metrics_dict={"auroc": torchmetrics.AUROC(task="binary")},
         obj_metric="auroc",
         obj_metric_mode="max",
@@ -216,6 +218,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None, help="AdamW lr of both loops (default: TrainConfig's)")
     parser.add_argument(
         "--ours",
         default="512:32-true,512:bf16-mixed,128:32-true",
@@ -228,6 +231,9 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     torch.set_num_threads(args.threads)
     instrument_loops()
+    from mil.heads.train import TrainConfig
+
+    lr = args.lr if args.lr is not None else TrainConfig().lr
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
         ids, labels = write_cohort(root, patients=args.patients, seed=args.seed)
@@ -250,6 +256,7 @@ def main() -> None:
                     log_dir=root / f"ours{rep}-{cap}-{precision}",
                     max_cells=cap,
                     precision=precision,
+                    lr=lr,
                 )
                 rows[f"ours, max_cells_train={cap}, {precision}"].append(
                     (
@@ -260,7 +267,7 @@ def main() -> None:
                     )
                 )
             total, train_s, val_p, test_p = run_torchmil(
-                root, split, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed + rep
+                root, split, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed + rep, lr=lr
             )
             rows["torchmil"].append(
                 (

@@ -38,7 +38,12 @@ class ABMIL(MilHead):
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bag, cell = mask.nonzero(as_tuple=True)  # (R,), (R,) the R real cells of the batch
-        h = self.project(x[bag, cell])  # (R, H)
+        return self._forward_packed(x[bag, cell], bag, cell, mask)
+
+    def _forward_packed(
+        self, cells: torch.Tensor, bag: torch.Tensor, cell: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.project(cells)  # (R, H)
         real_scores = rearrange(self.attend(h), "r 1 -> r")  # (R,)
         scores = real_scores.new_full(mask.shape, float("-inf")).index_put((bag, cell), real_scores)  # (B, N)
         weights = masked_softmax(scores, mask)  # (B, N), 0 on padding

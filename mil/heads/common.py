@@ -136,12 +136,16 @@ class MilHead(nn.Module):
     def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def forward_with_attention(
-        self, x: torch.Tensor, mask: torch.Tensor, covariates: torch.Tensor | None = None
+    def _forward_packed(
+        self, cells: torch.Tensor, bag: torch.Tensor, cell: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B,C) and attention (B,N) or (B,C,N) from one pass; covariates (B,K) when covariate_dim=K."""
-        mask = check_batch(x, mask, in_dim=self.in_dim)
-        expected = (x.shape[0], self.covariate_dim)
+        """``_forward`` on the padded batch whose real cells are ``cells`` (R, D) at (bag, cell) of ``mask``.
+        Heads whose per-cell layers run on the real cells only override it and skip the padded copy."""
+        x = cells.new_zeros((*mask.shape, cells.shape[-1])).index_put((bag, cell), cells)  # (B, N, D), 0 padding
+        return self._forward(x, mask)
+
+    def _check_covariates(self, batch_size: int, covariates: torch.Tensor | None) -> None:
+        expected = (batch_size, self.covariate_dim)
         if self.covariate_dim and (covariates is None or tuple(covariates.shape) != expected):
             got = None if covariates is None else tuple(covariates.shape)
             raise ValueError(
@@ -149,13 +153,42 @@ class MilHead(nn.Module):
             )
         if not self.covariate_dim and covariates is not None:
             raise ValueError("covariates given to a head built with covariate_dim=0; build it with covariate_dim=K")
+
+    def _with_covariates(self, logits: torch.Tensor, covariates: torch.Tensor | None) -> torch.Tensor:
+        if self.covariate_classifier is not None:
+            logits = logits + self.covariate_classifier(covariates.to(logits.dtype))  # (B, C)
+        return logits
+
+    def forward_with_attention(
+        self, x: torch.Tensor, mask: torch.Tensor, covariates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B,C) and attention (B,N) or (B,C,N) from one pass; covariates (B,K) when covariate_dim=K."""
+        mask = check_batch(x, mask, in_dim=self.in_dim)
+        self._check_covariates(x.shape[0], covariates)
         # Zero the padding first: attention 0 times a NaN or inf padding value would still be NaN.
         if self.reads_padding and not bool(mask.all()):
             x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
         logits, attention = self._forward(x, mask)  # (B, C), (B, N) or (B, C, N)
-        if self.covariate_classifier is not None:
-            logits = logits + self.covariate_classifier(covariates.to(logits.dtype))  # (B, C)
-        return logits, attention
+        return self._with_covariates(logits, covariates), attention
+
+    def forward_packed(
+        self,
+        cells: torch.Tensor,
+        bag: torch.Tensor,
+        cell: torch.Tensor,
+        mask: torch.Tensor,
+        covariates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, C) of the batch in ``mil.heads.data.packed_collate`` form, equal to ``forward`` on its
+        padded batch: ``cells`` (R, D) are the real cells, at (bag (R,), cell (R,)) of ``mask`` (B, N)."""
+        if cells.dim() != 2 or cells.shape[-1] != self.in_dim:
+            raise ValueError(f"expected packed cells of shape (R, {self.in_dim}), got {tuple(cells.shape)}")
+        if not (len(bag) == len(cell) == len(cells)):
+            raise ValueError(f"cells ({len(cells)}), bag ({len(bag)}) and cell ({len(cell)}) differ in length")
+        # An all-masked bag cannot occur: every row of the mask holds its bag's cells (>= 1 by check_records).
+        self._check_covariates(mask.shape[0], covariates)
+        logits, _ = self._forward_packed(cells, bag, cell, mask.bool())
+        return self._with_covariates(logits, covariates)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_with_attention(x, mask, covariates)[0]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch.utils.data import Dataset, Sampler
 
 from mil.errors import InputError
@@ -130,6 +131,27 @@ def pad_collate(items: list[tuple]) -> dict[str, torch.Tensor]:
         mask[row, : len(item[0])] = True
     batch = {
         "x": x,
+        "mask": mask,
+        "target": torch.tensor([item[1] for item in items], dtype=torch.long),
+        "index": torch.tensor([item[2] for item in items], dtype=torch.long),
+    }
+    if len(items[0]) > 3 and items[0][3] is not None:
+        batch["covariates"] = torch.stack([item[3] for item in items])  # (B, K)
+    return batch
+
+
+def packed_collate(items: list[tuple]) -> dict[str, torch.Tensor]:
+    """The batch of ``pad_collate`` without the padded copy: cells (R, D) are the R real cells, bag by bag in
+    cell order (the order of ``mask.nonzero()``), at positions (bag (R,), cell (R,)) of the padded batch
+    described by mask (B, N_max); plus target (B,), index (B,) and covariates (B, K) when the items carry them.
+    Heads take it through ``MilHead.forward_packed``; a packed head never builds (B, N_max, D) at all."""
+    lengths = torch.tensor([len(item[0]) for item in items], dtype=torch.long)  # (B,)
+    mask = torch.arange(int(lengths.max())) < rearrange(lengths, "b -> b 1")  # (B, N_max)
+    bag, cell = mask.nonzero(as_tuple=True)  # (R,), (R,)
+    batch = {
+        "cells": torch.cat([item[0] for item in items]),  # (R, D)
+        "bag": bag,
+        "cell": cell,
         "mask": mask,
         "target": torch.tensor([item[1] for item in items], dtype=torch.long),
         "index": torch.tensor([item[2] for item in items], dtype=torch.long),

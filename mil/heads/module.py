@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from mil.atomic import atomic_path
 from mil.heads.common import MilHead
-from mil.heads.data import BagDataset, BagRecord, LengthBucketSampler, pad_collate, padded_batches
+from mil.heads.data import BagDataset, BagRecord, LengthBucketSampler, packed_collate, pad_collate, padded_batches
 
 # Padded cells per validation forward pass: one pass for a typical validation split, bounded memory for big ones.
 VAL_CELLS_PER_BATCH = 32768
@@ -95,7 +95,7 @@ class HeadModule(L.LightningModule):
             rank=self.trainer.global_rank,
             epoch_source=self._data_epoch,
         )
-        return DataLoader(data, batch_sampler=sampler, collate_fn=pad_collate, num_workers=0)
+        return DataLoader(data, batch_sampler=sampler, collate_fn=packed_collate, num_workers=0)
 
     def configure_optimizers(self):
         params = [p for p in self.head.parameters() if p.requires_grad]
@@ -108,7 +108,10 @@ class HeadModule(L.LightningModule):
             # Dropout draws from a stream fixed by (seed, epoch, rank), so a resumed epoch replays exactly.
             torch.manual_seed(self.config.seed * 1_000_003 + self.current_epoch * 7919 + self.global_rank)
             self._train_loss = [0.0, 0]
-        logits = self.head(batch["x"], batch["mask"], batch.get("covariates")).float()  # (B, C) fp32 loss always
+        # Packed batch: the real cells only, no padded (B, N, D) copy (see MilHead.forward_packed).
+        logits = self.head.forward_packed(
+            batch["cells"], batch["bag"], batch["cell"], batch["mask"], batch.get("covariates")
+        ).float()  # (B, C) fp32 loss always
         loss = torch.nn.functional.cross_entropy(logits, batch["target"], weight=self.class_weights)
         size = len(batch["target"])
         self._train_loss[0] += float(loss.detach()) * size  # logged once per epoch: a per-step self.log costs ~5%
