@@ -88,6 +88,8 @@ def test_tiny_classifier_loss_decreases_and_writes_outputs(tmp_path, imbalance):
     result = train_classifier(cells, out_dir=tmp_path / "clf", config=config, split=split)
     losses = result.history["train_loss"]
     assert len(losses) == 6 and losses[-1] < losses[0]
+    # The weights kept are those of the epoch with the lowest validation loss.
+    assert result.history["best_epoch"] == int(np.argmin(result.history["val_loss"]))
     assert result.class_names == list(CLASSES)
     assert set(result.test_cell_ids) == {r["cell_id"] for r in cells.rows if r["patient_id"] == "P5"}
     assert np.allclose(result.test_probs.sum(axis=1), 1, atol=1e-5)

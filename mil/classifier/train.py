@@ -118,7 +118,7 @@ class _KeepBest(L.Callback):
             return
         loss = module.history["val_loss"][-1]
         if loss < self.best:
-            self.best, self.epoch = loss, trainer.current_epoch
+            self.best, self.epoch = loss, len(module.history["val_loss"]) - 1  # index into history
             self.state = copy.deepcopy(module.net.state_dict())
 
 
