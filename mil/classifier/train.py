@@ -113,7 +113,8 @@ class _KeepBest(L.Callback):
         self.state = None
         self.epoch = -1
 
-    def on_validation_epoch_end(self, trainer, module) -> None:
+    # on_validation_end runs after the module's on_validation_epoch_end has appended this epoch's val loss.
+    def on_validation_end(self, trainer, module) -> None:
         if trainer.sanity_checking or not module.history["val_loss"]:
             return
         loss = module.history["val_loss"][-1]
