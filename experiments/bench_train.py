@@ -1,21 +1,23 @@
 """Benchmark of attention-MIL training: our ABMIL loop (mil.heads.train.fit_predict) against torchmil's
 ABMIL trained by torchmil's own Trainer and fed by torchmil's own ProcessedMILDataset, on the same bags.
 
-    .venv/bin/python experiments/bench_train.py [--patients 120] [--epochs 12] [--repeats 3] [--threads 1]
+    .venv/bin/python experiments/bench_train.py [--patients 120] [--epochs 12] [--repeats 3] [--threads 1] [--lr X]
 
 Bags: a synthetic binary cohort (torchmil's ABMIL is binary), D=384 features per cell (DinoBloom-S
 width), 50-400 cells per patient, written once by the production writer features.bags.write_bag; the
 positive class has 4-10% "cue" cells shifted along one direction. torchmil reads the same
 .h5 files (its ProcessedMILDataset with file_ext=".h5"; labels live in a second folder of .h5 files).
 Same architecture (gated attention, hidden 128, attention 128, dropout 0.25 after the projection),
-same optimiser (AdamW lr 2e-4, wd 1e-2), same batch size, same number of epochs (no early stop), and
-both keep the epoch with the best validation AUROC. Two throughputs (train bags x epochs / seconds):
-"train steps" times only the training part of each epoch in both loops (hooks on our HeadModule and on
-torchmil's Trainer._shared_loop); "end-to-end" times ours from reading the bags through fit_predict
-(training, per-epoch validation, checkpoints, test prediction) and torchmil's Trainer.train (training and
-per-epoch validation). The runs are interleaved
-(ours, torchmil, ours, ...) so load from other processes hits both alike; the median of the repeats
-is reported. AUROC of both final models is computed by the same function on validation and test.
+same optimiser (AdamW with one lr for both, by default TrainConfig's, wd 1e-2), same batch size, same
+number of epochs (no early stop), and both keep the epoch with the best validation AUROC. Two throughputs
+(train bags x epochs / seconds): "train steps" times only the training part of each epoch in both loops
+(from HeadModule.on_train_epoch_start to the start of its on_train_epoch_end, where our validation,
+logging and checkpoints run; torchmil's Trainer._shared_loop in train mode); "end-to-end" times ours from
+reading the bags (read_bag, which validates every bag) through fit_predict (training, per-epoch
+validation, checkpoints, prediction of the validation and test bags) and torchmil's Trainer.train
+(training and per-epoch validation). The runs are interleaved (ours, torchmil, ours, ...) so load from
+other processes hits both alike; the median of the repeats is reported. AUROC of both final models is
+computed by the same function on validation and test.
 """
 
 from __future__ import annotations

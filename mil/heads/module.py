@@ -61,7 +61,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class HeadModule(L.LightningModule):
-    """AdamW + class-weighted cross-entropy on padded, masked, length-bucketed batches."""
+    """AdamW + class-weighted cross-entropy on packed (real cells only), length-bucketed batches; validation
+    of all validation bags at each epoch end."""
 
     def __init__(
         self, head: MilHead, *, train: list[BagRecord], val: list[BagRecord], config, class_weights: torch.Tensor

@@ -3,8 +3,9 @@
 AdamW, class-weighted cross-entropy, random cell subsampling per bag in training, length-bucketed
 batches, early stopping on the inner validation split with the best checkpoint restored, CSV logs
 always and wandb only when asked. Checkpoints are written atomically and loaded with
-``weights_only=True``; a run interrupted mid-epoch resumes from ``last.ckpt`` in its ``log_dir`` and
-ends with the same weights, and a finished run is not trained again (its best checkpoint is reused).
+``weights_only=True``, every ``LAST_EVERY_EPOCHS`` epochs or ``LAST_EVERY_SECONDS`` and at the end
+(``mil.heads.checkpoints.RunCheckpoint``); a run interrupted mid-epoch resumes from ``last.ckpt`` in its
+``log_dir`` and ends with the same weights, and a finished run is not trained again (its best checkpoint is reused).
 With ``devices > 1`` it trains with DDP (gloo on CPU, nccl on GPUs); see ``TrainConfig.strategy``. Every
 rank builds the same length-bucketed batch list and takes every ``devices``-th batch, so one optimiser step
 sees ``batch_size x devices`` bags; every rank validates all validation bags, so the early-stopping metric
