@@ -87,3 +87,20 @@ def test_checkpoints_are_flushed_every_five_epochs_and_at_the_end(tmp_path, monk
     assert last["epoch"] == 6 and [e["epoch"] for e in last["history"]["epochs"]] == list(range(7))
     losses = [e["val_loss"] for e in last["history"]["epochs"]]
     assert best["epoch"] == result.history["best_epoch"] == int(np.argmin(losses))  # first minimum, as before
+
+
+def test_rows_are_bucketed_only_under_cpu_autocast_and_the_extra_rows_change_nothing(monkeypatch):
+    from mil.heads import common
+
+    cells = torch.randn(300, 6)
+    assert common.bucket_rows(cells) is cells  # fp32: MKL needs no fixed shapes
+    torch.manual_seed(0)
+    head = create_head("abmil", in_dim=6, num_classes=3, hidden_dim=8, dropout=0.0).eval()
+    batch = packed_collate([(cells[:120], 0, 0, None), (cells[120:], 1, 1, None)])
+    args = (batch["cells"], batch["bag"], batch["cell"], batch["mask"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert common.bucket_rows(cells).shape == (512, 6)
+        bucketed = head.forward_packed(*args).float()
+        monkeypatch.setattr(common, "ROW_BUCKET", 1)
+        plain = head.forward_packed(*args).float()
+    torch.testing.assert_close(bucketed, plain, atol=2e-2, rtol=0)

@@ -12,7 +12,7 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from mil.heads.common import CellProjection, GatedAttention, MilHead, masked_softmax
+from mil.heads.common import CellProjection, GatedAttention, MilHead, bucket_rows, masked_softmax
 from mil.heads.registry import register_head
 
 
@@ -43,8 +43,10 @@ class ABMIL(MilHead):
     def _forward_packed(
         self, cells: torch.Tensor, bag: torch.Tensor, cell: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.project(cells)  # (R, H)
-        real_scores = rearrange(self.attend(h), "r 1 -> r")  # (R,)
+        r = cells.shape[0]
+        h = self.project(bucket_rows(cells))  # (R', H), R' >= R under CPU bf16 autocast, else R' = R
+        real_scores = rearrange(self.attend(h)[:r], "r 1 -> r")  # (R,)
+        h = h[:r]  # (R, H) the real cells only
         scores = real_scores.new_full(mask.shape, float("-inf")).index_put((bag, cell), real_scores)  # (B, N)
         weights = masked_softmax(scores, mask)  # (B, N), 0 on padding
         weighted = einsum(weights[bag, cell], h, "r, r h -> r h")  # (R, H)

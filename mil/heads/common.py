@@ -50,6 +50,21 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.softmax(filled, dim=-1).masked_fill(~mask, 0.0)
 
 
+ROW_BUCKET = 256
+
+
+def bucket_rows(cells: torch.Tensor) -> torch.Tensor:
+    """Packed cells (R, D), zero rows appended up to a multiple of ``ROW_BUCKET`` under CPU autocast (bf16).
+
+    oneDNN builds a bf16 matmul kernel for every new row count, and every packed batch has a different R:
+    measured here, that cost ate all of bf16's ~1.7x speed-up. With R rounded up, a run sees a few shapes.
+    The caller drops the extra rows right after the per-cell layers; in fp32 (MKL) nothing is padded."""
+    if cells.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return cells
+    extra = -cells.shape[0] % ROW_BUCKET
+    return torch.cat([cells, cells.new_zeros(extra, cells.shape[1])]) if extra else cells
+
+
 class CellDropout(nn.Module):
     """Inverted dropout (as ``nn.Dropout``: zero with probability p, scale the rest by 1/(1-p)) whose mask
     on CPU comes from 16-bit random integers compared with a threshold, i.e. the keep probability is
