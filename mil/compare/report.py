@@ -238,7 +238,7 @@ def write_report(
         ],
     )
     _write_csv(out / "predictions.csv", *prediction_rows(result))
-    resolved = {**config.to_dict(), "splits_sha256": result.splits.sha256, "classes": result.classes}
+    resolved = {**config.to_dict(), **result.sources, "splits_sha256": result.splits.sha256, "classes": result.classes}
     atomic_write_text(
         out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False), lambda p: yaml.safe_load(p.read_text())
     )

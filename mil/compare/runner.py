@@ -36,6 +36,7 @@ class CompareResult:
     kinds: dict[str, str] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # bag directory and patient table, for `mil attention`
 
 
 def _check_heads(config: CompareConfig) -> dict[str, str]:
@@ -181,6 +182,7 @@ def run_compare(
         kinds=kinds,
         dropped=dropped,
         fold_of=np.full((n_seeds, len(order)), -1),
+        sources={"bags": str(Path(bags).resolve()), "patients": str(Path(patients).resolve())},
     )
     for h in config.heads:
         result.probs[h] = np.full((n_seeds, len(order), len(classes)), np.nan)
@@ -203,7 +205,7 @@ def run_compare(
                 head.fit(counts.take(fit_on), y_true[[index[p] for p in fit_on]], num_classes=len(classes))
                 probs = head.predict_proba(counts.take(list(fs.test)))
             else:
-                probs, att = _fit_attention(h, config, fs, loaded, y_true, index, len(classes), out)
+                probs, att = _fit_attention(h, config, fs, loaded, y_true, index, classes, out)
                 for p, a in att.items():
                     attention[h].setdefault(p, []).append(np.asarray(a, dtype=np.float32))
             result.probs[h][s, test_rows] = probs
@@ -224,7 +226,7 @@ def run_compare(
     return result
 
 
-def _fit_attention(name, config, fs, loaded, y_true, index, num_classes, out):
+def _fit_attention(name, config, fs, loaded, y_true, index, classes, out):
     """One attention head on one fold: BagRecords from the bags, fit_predict, probs of the test patients.
 
     The head is passed by name so fit_predict builds it after seeding: its initial weights are reproducible.
@@ -253,8 +255,34 @@ def _fit_attention(name, config, fs, loaded, y_true, index, num_classes, out):
         train=records(fs.train),
         val=records(fs.val),
         test=records(fs.test),
-        num_classes=num_classes,
+        num_classes=len(classes),
         config=train_config,
         log_dir=out / "logs" / name / fs.name,
     )
+    in_dim = int(np.asarray(loaded[fs.train[0]].features).shape[1])
+    _save_bundle(out / "models" / name / f"{fs.name}.pt", name, train_config, result, in_dim, shift, scale, classes, fs)
     return np.asarray(result.probs, dtype=np.float64), result.attention
+
+
+def _save_bundle(path, name, train_config, result, in_dim, shift, scale, classes, fs) -> None:
+    """The fold's trained head with its feature standardisation: `mil attention` reruns it for deletion curves."""
+    import torch
+
+    from mil.heads.bundle import save_head_bundle
+
+    if not result.best_checkpoint:
+        return
+    state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    kwargs = {"hidden_dim": train_config.hidden_dim, "dropout": train_config.dropout, **train_config.head_kwargs}
+    save_head_bundle(
+        path,
+        head_name=name,
+        head_kwargs=kwargs,
+        state_dict=head_state,
+        in_dim=in_dim,
+        classes=list(classes),
+        shift=shift,
+        scale=scale,
+        meta={"fold": fs.name, "test_patients": list(fs.test)},
+    )
