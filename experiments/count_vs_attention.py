@@ -149,19 +149,21 @@ def main(argv=None) -> int:
     from mil.atomic import atomic_write_text
 
     root = Path(args.out)
-    results = {}
-    lines = [f"## Count vs attention ({args.encoder}, {args.patients} patients per cohort, {args.folds}-fold x "
-             f"{args.seeds} seed(s), ground-truth counts)", ""]  # fmt: skip
     for name in args.cohorts.split(","):
         if name not in COHORTS:
             raise SystemExit(f"unknown cohort {name!r}; choose from {', '.join(COHORTS)}")
         print(f"== {name}", flush=True)
         bags, patients = prepare(name, args, root / name)
         per_head, paired, seconds = compare(name, args, bags, patients, root / name / "results")
-        results[name] = (per_head, paired)
-        lines += table(name, per_head, paired, seconds)
-    lines += ["Criteria:", *criteria(results), ""]
-    text = "\n".join(lines)
+        # each cohort keeps its own table and verdict, so running a subset never erases the others' results
+        cohort_text = "\n".join(table(name, per_head, paired, seconds) + criteria({name: (per_head, paired)}))
+        atomic_write_text(root / name / "table.md", cohort_text + "\n")
+    header = (
+        f"## Count vs attention ({args.encoder}, {args.patients} patients per cohort, cue fraction "
+        f"{args.cue_fraction}, {args.folds}-fold x {args.seeds} seed(s), ground-truth counts)\n"
+    )
+    done = [root / name / "table.md" for name in COHORTS if (root / name / "table.md").exists()]
+    text = header + "\n" + "\n".join(p.read_text() for p in done)
     atomic_write_text(root / "count_vs_attention.md", text)
     print(text)
     return 0
