@@ -83,6 +83,8 @@ def test_count_heads_write_every_result_and_a_rerun_reproduces_them(tmp_path, ca
     assert {"patient_id", "seed", "fold", "head", "true", "predicted", "prob_ALL", "prob_CML"} <= set(predictions[0])
     assert len(read_csv(out / "paired.csv")) == 6  # every pair of 4 heads
     assert "count.logreg" in capsys.readouterr().out
+    # the recorded config reads back as a config (strict, recorded facts skipped)
+    assert load_compare_config(out / "config.yaml").heads == COUNT_HEADS.split(",")
 
     # the same command again (fresh folder): byte-identical splits, identical metrics
     assert compare(bags, patients, tmp_path / "b", "--heads", COUNT_HEADS) == 0

@@ -14,6 +14,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 DEFAULT_COMPARE_CONFIG = CONFIG_DIR / "compare.yaml"
 WANDB_MODES = ("disabled", "offline", "online")
 COUNT_SOURCES = ("truth", "hard", "soft")
+# Facts a results folder's config.yaml records beside the options (inputs, split hash, classes); reading that
+# file back as --config skips them, so a run can be repeated from its own record.
+RECORDED_KEYS = ("bags", "patients", "splits_sha256", "classes")
 
 
 @dataclass
@@ -80,6 +83,7 @@ def load_compare_config(path: str | Path | None = None, **overrides) -> CompareC
     if not isinstance(spec, dict):
         raise ConfigError(f"compare config {path} must be a YAML mapping of key: value")
     known = {f.name for f in dataclasses.fields(CompareConfig)}
+    spec = {k: v for k, v in spec.items() if k not in RECORDED_KEYS}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"compare config {path}: unknown key(s) {unknown}; allowed: {sorted(known)}")
