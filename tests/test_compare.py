@@ -142,6 +142,10 @@ def test_attention_heads_share_the_splits_and_save_attention(tmp_path):
     assert list((tmp_path / "out" / "logs" / "abmil").glob("seed0_fold*/**/metrics.csv"))  # Lightning CSV logs
     summary = {r["head"]: r["kind"] for r in read_csv(tmp_path / "out" / "summary.csv")}
     assert summary == {"count.logreg": "count", "mean": "attention", "abmil": "attention"}
+    # a fresh run of the same seeded job trains to the same predictions (CPU, deterministic)
+    config.heads = ["abmil"]
+    again = run_compare(config, bags=bags, patients=patients, out=tmp_path / "again", log=lambda _: None)
+    np.testing.assert_array_equal(again.probs["abmil"], result.probs["abmil"])
 
 
 def write_crossfit_dirs(root, splits, *, leak: bool = False):
