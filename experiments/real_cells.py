@@ -27,8 +27,8 @@ DATA = REPO.parent / "shared" / "data"
 
 BUDGETS = {
     # pixel_scale, epochs of the BCCD detector; epochs, crop of the PBC classifier; synth sizes.
-    "quick": {"bccd_scale": 0.4, "bccd_epochs": 4, "pbc_epochs": 8, "pbc_crop": 96, "synth_patients": 30,
-              "synth_det_epochs": 3, "synth_clf_epochs": 8, "synth_crop": 48},
+    "quick": {"bccd_scale": 0.3, "bccd_epochs": 2, "pbc_epochs": 8, "pbc_crop": 96, "synth_patients": 30,
+              "synth_det_epochs": 3, "synth_clf_epochs": 6, "synth_crop": 48},
     "full": {"bccd_scale": 1.0, "bccd_epochs": 24, "pbc_epochs": 30, "pbc_crop": 224, "synth_patients": 60,
              "synth_det_epochs": 20, "synth_clf_epochs": 30, "synth_crop": 96},
 }  # fmt: skip
@@ -58,7 +58,7 @@ def run_bccd(out: Path, budget: dict, device: str, seed: int) -> dict:
         backbone="efficientnet_lite0_fpn", init="imagenet", classes=classes, pixel_scale=budget["bccd_scale"]
     )
     tc = DetectorTrainConfig(
-        epochs=budget["bccd_epochs"], batch_size=4, lr=5e-4, warmup_steps=20, seed=seed, device=device, verbose=True
+        epochs=budget["bccd_epochs"], batch_size=4, lr=5e-4, warmup_steps=10, seed=seed, device=device, verbose=True
     )
     start = time.perf_counter()
     result = train_detector(cells, out_dir=out / "detector", config=config, train_config=tc, patients=lists["train"])
@@ -160,12 +160,17 @@ def run_synth(out: Path, budget: dict, device: str, seed: int) -> dict:
         verbose=True,
     )
     start = time.perf_counter()
-    det = train_detector(nucleated, out_dir=out / "detector", config=config, train_config=tc,
-                         patients=split["train"] + split["val"])  # fmt: skip
-    det_train_s = time.perf_counter() - start
+    if (out / "detector" / "detector.pt").exists() and (out / "detector" / "history.json").exists():
+        det_checkpoint = out / "detector" / "detector.pt"  # a finished detector of an earlier run: reuse it
+        det_train_s = None
+    else:
+        det = train_detector(nucleated, out_dir=out / "detector", config=config, train_config=tc,
+                             patients=split["train"] + split["val"])  # fmt: skip
+        det_checkpoint, det_train_s = det.checkpoint, round(time.perf_counter() - start)
+    det_history = json.loads((out / "detector" / "history.json").read_text())
     held_out = CellTable(rows=[r for r in nucleated.rows if r["patient_id"] in set(split["test"])])
     images = sorted({(r["image_path"], r["patient_id"]) for r in held_out.rows})
-    detector = CellDetector.load(det.checkpoint, tile_size=1024, overlap=128, device=device)
+    detector = CellDetector.load(det_checkpoint, tile_size=1024, overlap=128, device=device)
     det_metrics = evaluate_table(detect_images(images, detector=detector), held_out)
     classical_metrics = evaluate_table(detect_images(images), held_out)
 
@@ -181,7 +186,8 @@ def run_synth(out: Path, budget: dict, device: str, seed: int) -> dict:
     results = {
         "dataset": f"mil synth, {len(patients)} patients, seed {seed}; held-out patients {split['test']}",
         "detector": {"backbone": config.backbone, "pixel_scale": config.pixel_scale, "epochs": tc.epochs,
-                     "train_seconds": round(det_train_s)},
+                     "train_seconds": det_train_s,
+                     "loss_per_epoch": det_history["history"]["epoch_loss"]},
         "detector_ap50_held_out": det_metrics["map_50"],
         "detector_map_coco_held_out": det_metrics["map"],
         "classical_ap50_held_out": classical_metrics["map_50"],

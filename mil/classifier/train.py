@@ -130,7 +130,9 @@ class _EpochPrinter(L.Callback):
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        train = module.history["train_loss"][-1] if module.history["train_loss"] else float("nan")
+        # Callbacks run before the module's own hook closes the epoch: read the running sums.
+        total, n = module._sums["train"]
+        train = total / n if n else float("nan")
         val = module.history["val_loss"][-1] if module.history["val_loss"] else float("nan")
         seconds = time.perf_counter() - self.start
         epoch = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
