@@ -28,7 +28,7 @@ FULL_CONFIG = CONFIG_DIR / "demo_full.yaml"
 SECTIONS = {
     "seed": None,
     "synth": None,
-    "detector": {"backbone", "pixel_scale", "epochs", "max_steps", "train_fraction"},
+    "detector": {"backbone", "init", "pixel_scale", "smallest_anchor", "epochs", "max_steps", "train_fraction"},
     "classifier": None,
     "encoder": {"name", "input_size"},
     "compare": None,
@@ -152,8 +152,8 @@ def _detect(config: dict, seed: int, out: Path, cells_csv: Path, stages: Stages)
 
     dx = {r["patient_id"]: r["diagnosis"] for r in read_patient_table(cells_csv.parent / "patients.csv").rows}
     train_ids = _stratified_subset({p: dx[p] for p in by_patient}, float(opts.get("train_fraction", 0.3)), seed)
-    det_config = DetectorConfig(
-        backbone=opts.get("backbone", "mobilenetv3_large_fpn"), pixel_scale=float(opts.get("pixel_scale", 1.0))
+    det_config = DetectorConfig.from_dict(
+        {k: v for k, v in opts.items() if k not in ("epochs", "max_steps", "train_fraction")}
     )
     train_config = DetectorTrainConfig(
         epochs=int(opts.get("epochs", 2)), max_steps=int(opts.get("max_steps", -1)), seed=seed
@@ -167,8 +167,8 @@ def _detect(config: dict, seed: int, out: Path, cells_csv: Path, stages: Stages)
     detected.write(out / "detector" / "detected_cells.csv")
     metrics = evaluate_table(detected, held_out)
     classical = evaluate_table(detect_images(images), held_out)
-    stages.figures["detector_ap50"] = round(float(metrics["ap50"]), 3)
-    stages.figures["classical_ap50"] = round(float(classical["ap50"]), 3)
+    stages.figures["detector_ap50"] = round(float(metrics["map_50"]), 3)
+    stages.figures["classical_ap50"] = round(float(classical["map_50"]), 3)
     stages.figures["detector_patients_train_test"] = f"{len(train_ids)}/{len(by_patient) - len(train_ids)}"
     print(
         f"AP@0.5 on {len(images)} held-out fields: Faster R-CNN {metrics['ap50']:.3f}, "
