@@ -27,7 +27,7 @@ DATA = REPO.parent / "shared" / "data"
 
 BUDGETS = {
     # pixel_scale, epochs of the BCCD detector; epochs, crop of the PBC classifier; synth sizes.
-    "quick": {"bccd_scale": 0.3, "bccd_epochs": 2, "pbc_epochs": 8, "pbc_crop": 96, "synth_patients": 30,
+    "quick": {"bccd_scale": 0.3, "bccd_epochs": 2, "pbc_epochs": 12, "pbc_crop": 128, "synth_patients": 30,
               "synth_det_epochs": 3, "synth_clf_epochs": 6, "synth_crop": 48},
     "full": {"bccd_scale": 1.0, "bccd_epochs": 24, "pbc_epochs": 30, "pbc_crop": 224, "synth_patients": 60,
              "synth_det_epochs": 20, "synth_clf_epochs": 30, "synth_crop": 96},
