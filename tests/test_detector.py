@@ -183,6 +183,7 @@ def test_perfect_predictions_score_ap_one_and_shifted_ones_less():
     perfect = Detections(boxes, np.array([0.9, 0.8], np.float32), labels)
     metrics = detection_metrics([perfect], [(boxes, labels)], ("rbc", "wbc"))
     assert metrics["map_50"] == pytest.approx(1.0) and metrics["ap50_per_class"] == {"rbc": 1.0, "wbc": 1.0}
+    assert metrics["ap50"] == metrics["map_50"]
     shifted = Detections(boxes + np.array([6, 6, 6, 6], np.float32), perfect.scores, labels)
     assert detection_metrics([shifted], [(boxes, labels)], ("rbc", "wbc"))["map_50"] < 1.0
 

@@ -16,8 +16,8 @@ def detection_metrics(
 ) -> dict:
     """predictions[i] and targets[i] = (boxes (K, 4), labels (K,) 1-based) belong to the same image.
 
-    Returns map_50 and map (COCO) over classes, and ap50 / ap per class name. Up to 1000 detections per image
-    count (dense smears hold hundreds of cells; COCO's default 100 would cap recall).
+    Returns map_50 (also as ap50) and map (COCO) over classes, and ap50 / ap per class name. Up to 1000 detections
+    per image count (dense smears hold hundreds of cells; COCO's default 100 would cap recall).
     """
     from torchmetrics.detection import MeanAveragePrecision
 
@@ -47,6 +47,7 @@ def detection_metrics(
         classes = result["classes"].reshape(-1).tolist()
         per_class = result["map_per_class"].reshape(-1).tolist()
         out[f"{key}_per_class"] = {class_names[int(c) - 1]: float(v) for c, v in zip(classes, per_class)}
+    out["ap50"] = out["map_50"]  # the name the demo and reports print: AP@0.5 averaged over classes
     out["n_images"] = len(predictions)
     out["n_targets"] = int(sum(len(lab) for _, lab in targets))
     out["n_predictions"] = int(sum(len(p) for p in predictions))
