@@ -177,7 +177,11 @@ def build_report(
 
 
 def _summary_html(s: dict) -> str:
-    rows = [[k, v] for k, v in s.items() if not k.startswith("_") and not isinstance(v, dict | list)]
+    rows = [
+        [k, f"{v:.4g}" if isinstance(v, float) else v]
+        for k, v in s.items()
+        if not k.startswith("_") and not isinstance(v, dict | list)
+    ]
     return "<h2>Cohort</h2>" + html.table(["measure", "value"], rows)
 
 
