@@ -78,7 +78,7 @@ def gallery(
 ) -> Path:
     """Two rows: the top-k and the bottom-k cells by attention, each with its score and caption.
 
-    Drawn with PIL, not matplotlib: a report has a gallery per patient and branch, and this is ~50x faster.
+    Drawn with PIL, not matplotlib: a report has a gallery per patient and branch, and PIL composes them cheaply.
     """
     from PIL import ImageDraw
 
