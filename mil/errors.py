@@ -19,3 +19,10 @@ def listing(problems: list[str], limit: int = 50) -> str:
     if len(problems) > limit:
         shown.append(f"  ... and {len(problems) - limit} more")
     return "\n".join(shown)
+
+
+def refuse_unknown_keys(values: dict, known, what: str) -> None:
+    """Strict configs: a key that is not a field is an error naming it and the valid ones."""
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown {what} key(s) {sorted(unknown)}; known: {sorted(known)}")

@@ -33,7 +33,7 @@ from mil.classifier.data import (
 from mil.classifier.metrics import classification_metrics, write_confusion_png
 from mil.classifier.model import CellClassifierModule, normalization
 from mil.classifier.predict import load_classifier, predict_crops, predict_rows, save_checkpoint
-from mil.errors import ConfigError, InputError
+from mil.errors import ConfigError, InputError, refuse_unknown_keys
 
 IMBALANCE = ("weighted_loss", "sampler", "none")
 
@@ -70,11 +70,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ClassifierConfig:
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(
-                f"unknown classifier config key(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
-            )
+        refuse_unknown_keys(values, cls.__dataclass_fields__, "classifier config")
         return cls(**values)
 
 

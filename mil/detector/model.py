@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mil.atomic import atomic_path
-from mil.errors import ConfigError, InputError
+from mil.errors import ConfigError, InputError, refuse_unknown_keys
 
 CHECKPOINT_FORMAT = "cytomil-detector/1"
 
@@ -54,11 +54,7 @@ class DetectorConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> DetectorConfig:
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(
-                f"unknown detector config key(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
-            )
+        refuse_unknown_keys(values, cls.__dataclass_fields__, "detector config")
         return cls(**values)
 
 
