@@ -129,15 +129,18 @@ def pad_collate(items: list[tuple]) -> dict[str, torch.Tensor]:
     for row, item in enumerate(items):
         x[row, : len(item[0])] = item[0]
         mask[row, : len(item[0])] = True
-    batch = {
-        "x": x,
-        "mask": mask,
+    return {"x": x, "mask": mask, **_bag_facts(items)}
+
+
+def _bag_facts(items: list[tuple]) -> dict[str, torch.Tensor]:
+    """Per-bag entries shared by both collates: target (B,), index (B,), covariates (B, K) when items carry them."""
+    facts = {
         "target": torch.tensor([item[1] for item in items], dtype=torch.long),
         "index": torch.tensor([item[2] for item in items], dtype=torch.long),
     }
     if len(items[0]) > 3 and items[0][3] is not None:
-        batch["covariates"] = torch.stack([item[3] for item in items])  # (B, K)
-    return batch
+        facts["covariates"] = torch.stack([item[3] for item in items])  # (B, K)
+    return facts
 
 
 def packed_collate(items: list[tuple]) -> dict[str, torch.Tensor]:
@@ -148,17 +151,13 @@ def packed_collate(items: list[tuple]) -> dict[str, torch.Tensor]:
     lengths = torch.tensor([len(item[0]) for item in items], dtype=torch.long)  # (B,)
     mask = torch.arange(int(lengths.max())) < rearrange(lengths, "b -> b 1")  # (B, N_max)
     bag, cell = mask.nonzero(as_tuple=True)  # (R,), (R,)
-    batch = {
+    return {
         "cells": torch.cat([item[0] for item in items]),  # (R, D)
         "bag": bag,
         "cell": cell,
         "mask": mask,
-        "target": torch.tensor([item[1] for item in items], dtype=torch.long),
-        "index": torch.tensor([item[2] for item in items], dtype=torch.long),
+        **_bag_facts(items),
     }
-    if len(items[0]) > 3 and items[0][3] is not None:
-        batch["covariates"] = torch.stack([item[3] for item in items])  # (B, K)
-    return batch
 
 
 def padded_batches(records: list[BagRecord], *, max_cells: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
