@@ -286,6 +286,37 @@ def read_bag(path: str | Path) -> Bag:
     return bag
 
 
+def read_bag_features(path: str | Path) -> np.ndarray:
+    """Only the features (N, D) of a bag, what head training reads: checked for what training needs (the file
+    opens, schema version, a non-empty 2-D float16/float32 array without NaN/inf); boxes, cell ids, labels and
+    their shapes are not read (``read_bag`` and ``mil verify`` check those), which makes it ~4x faster on bags of a
+    few hundred cells. An invalid file raises InputError naming it and the fix."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"bag {path} does not exist; run `mil extract` to write it")
+    problem = None
+    try:
+        with h5py.File(path, "r") as f:
+            version = f.attrs.get("schema_version")
+            features = f["features"][()] if "features" in f else None
+    except Exception as e:  # h5py raises OSError, KeyError, ValueError... for damaged files
+        problem = f"it cannot be read ({type(e).__name__}: {e}); it is truncated or corrupt"
+    else:
+        if features is None or version is None:
+            problem = "it lacks the features dataset or the schema_version attribute"
+        elif int(version) != SCHEMA_VERSION:
+            problem = f"it has schema_version {version}, expected {SCHEMA_VERSION}"
+        elif str(features.dtype) not in FEATURE_DTYPES or features.ndim != 2 or len(features) == 0:
+            problem = f"its features are {features.dtype} of shape {features.shape}, not (cells >= 1, dim) float16/32"
+        else:
+            problem = _nonfinite_problem("features", features.astype(np.float32, copy=False))
+    if problem:
+        raise InputError(f"bag {path} is invalid: {problem}\nDelete it and run `mil extract` again to recompute it.")
+    return features
+
+
 def read_bag_header(path: str | Path) -> dict:
     """A bag's attributes plus num_cells, feature_dim and features_dtype, without reading the arrays."""
     import h5py

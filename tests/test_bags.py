@@ -11,6 +11,7 @@ from features.bags import (
     bag_path,
     check_encoder_width,
     read_bag,
+    read_bag_features,
     read_bag_header,
     validate_bag,
     write_bag,
@@ -110,7 +111,28 @@ def test_truncated_bags_are_detected(tmp_path, cut):
     assert problems and "P1.h5" in problems[0]
     with pytest.raises(InputError, match="run `mil extract` again"):
         read_bag(path)
+    with pytest.raises(InputError, match=r"P1\.h5 is invalid.*\n.*run `mil extract` again"):
+        read_bag_features(path)
     assert BagDirectory(tmp_path).patients() == []
+
+
+def test_read_bag_features_returns_the_features_and_refuses_what_training_cannot_use(tmp_path):
+    import h5py
+
+    bag = make_bag(n=7)
+    path = write_bag(tmp_path / "P1.h5", bag)
+    np.testing.assert_array_equal(read_bag_features(path), read_bag(path).features)
+    assert read_bag_features(write_bag(tmp_path / "P2.h5", bag, dtype="float16")).dtype == np.float16
+    with h5py.File(path, "r+") as f:  # damage written after validation: NaN in row 3, then an unknown schema
+        f["features"][3, 1] = np.nan
+    with pytest.raises(InputError, match=r"NaN/inf in 1 row\(s\), first row 3\n.*run `mil extract` again"):
+        read_bag_features(path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(InputError, match="schema_version 99, expected 1"):
+        read_bag_features(path)
+    with pytest.raises(InputError, match="does not exist"):
+        read_bag_features(tmp_path / "P9.h5")
 
 
 def test_directory_lists_valid_bags_and_refuses_mixed_encoders_naming_both(tmp_path):

@@ -1,5 +1,6 @@
 """The training fast paths give the same answers as the plain ones: packed batches, numpy AUROC, the CPU
-dropout mask, and checkpoints flushed every few epochs (best and last together)."""
+dropout mask, the sigmoid-based gated tanh, pooling by one matrix product, and checkpoints flushed every few
+epochs (best and last together)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from mil.heads import create_head, list_heads
+from mil.heads import common, create_head, list_heads
 from mil.heads.checkpoints import RunCheckpoint
-from mil.heads.common import CellDropout
+from mil.heads.common import CellDropout, GatedAttention, pool_cells
 from mil.heads.data import BagRecord, packed_collate, pad_collate
 from mil.heads.module import binary_auroc
 from mil.heads.train import TrainConfig, fit_predict
@@ -104,3 +105,29 @@ def test_rows_are_bucketed_only_under_cpu_autocast_and_the_extra_rows_change_not
         monkeypatch.setattr(common, "ROW_BUCKET", 1)
         plain = head.forward_packed(*args).float()
     torch.testing.assert_close(bucketed, plain, atol=2e-2, rtol=0)
+
+
+def test_gated_attention_equals_tanh_times_sigmoid_with_exact_gradients():
+    torch.manual_seed(0)
+    attend = GatedAttention(hidden_dim=8, attention_dim=5, branches=2).double()
+    h = torch.randn(40, 8, dtype=torch.float64, requires_grad=True) * 3
+    expected = attend.score(torch.tanh(attend.tanh_branch(h)) * torch.sigmoid(attend.gate_branch(h)))
+    torch.testing.assert_close(attend(h), expected, atol=1e-12, rtol=0)
+    a, g = torch.randn(2, 30, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(common._TanhSigmoidGate.apply, (a, g))
+    x = torch.linspace(-12, 12, 10001)  # float32: within 2e-7 of torch.tanh, saturating to exactly +-1
+    got = common._TanhSigmoidGate.apply(x, torch.full_like(x, 50.0))
+    assert (got - torch.tanh(x)).abs().max() < 3e-7 and got.abs().max() <= 1
+
+
+@pytest.mark.parametrize("dense_limit", [1 << 22, 0])  # one matrix product; index_add past the limit
+def test_pool_cells_sums_each_bags_weighted_cells(monkeypatch, dense_limit):
+    monkeypatch.setattr(common, "DENSE_POOL_ELEMENTS", dense_limit)
+    g = torch.Generator().manual_seed(3)
+    bag = torch.tensor([0, 0, 0, 2, 2, 3])  # bag 1 has no cell in this batch: its row stays 0
+    weights = torch.rand(6, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    pooled = pool_cells(weights, h, bag, 4)  # (B, K, H)
+    expected = torch.stack([(weights[bag == b, :, None] * h[bag == b, None, :]).sum(0) for b in range(4)])
+    torch.testing.assert_close(pooled, expected, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda w, x: pool_cells(w, x, bag, 4), (weights, h))

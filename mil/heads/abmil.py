@@ -9,10 +9,10 @@ With ``num_classes=1`` and no dropout it computes exactly torchmil's ``ABMIL(gat
 from __future__ import annotations
 
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 from torch import nn
 
-from mil.heads.common import CellProjection, GatedAttention, MilHead, bucket_rows, masked_softmax
+from mil.heads.common import CellProjection, GatedAttention, MilHead, bucket_rows, masked_softmax, pool_cells
 from mil.heads.registry import register_head
 
 
@@ -49,6 +49,5 @@ class ABMIL(MilHead):
         h = h[:r]  # (R, H) the real cells only
         scores = real_scores.new_full(mask.shape, float("-inf")).index_put((bag, cell), real_scores)  # (B, N)
         weights = masked_softmax(scores, mask)  # (B, N), 0 on padding
-        weighted = einsum(weights[bag, cell], h, "r, r h -> r h")  # (R, H)
-        pooled = h.new_zeros(mask.shape[0], h.shape[1]).index_add(0, bag, weighted)  # (B, H)
-        return self.classifier(pooled), weights  # (B, C), (B, N)
+        pooled = pool_cells(rearrange(weights[bag, cell], "r -> r 1"), h, bag, mask.shape[0])  # (B, 1, H)
+        return self.classifier(rearrange(pooled, "b 1 h -> b h")), weights  # (B, C), (B, N)

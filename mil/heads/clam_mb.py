@@ -12,7 +12,7 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from mil.heads.common import CellProjection, GatedAttention, MilHead, masked_softmax
+from mil.heads.common import CellProjection, GatedAttention, MilHead, masked_softmax, pool_cells
 from mil.heads.registry import register_head
 
 
@@ -49,7 +49,6 @@ class ClamMB(MilHead):
         scores = rearrange(scores.index_put((bag, cell), real_scores), "b n c -> b c n")  # (B, C, N)
         weights = masked_softmax(scores, rearrange(mask, "b n -> b 1 n"))  # (B, C, N), 0 on padding
         real_weights = rearrange(weights, "b c n -> b n c")[bag, cell]  # (R, C)
-        weighted = einsum(real_weights, h, "r c, r h -> r c h")  # (R, C, H)
-        pooled = h.new_zeros(mask.shape[0], self.num_classes, h.shape[1]).index_add(0, bag, weighted)  # (B, C, H)
+        pooled = pool_cells(real_weights, h, bag, mask.shape[0])  # (B, C, H)
         logits = einsum(pooled, self.class_weight, "b c h, c h -> b c") + self.class_bias  # (B, C)
         return logits, weights

@@ -9,6 +9,7 @@ zero on padding and summing to 1 over the real cells of each bag. Padding never 
 from __future__ import annotations
 
 import torch
+from einops import einsum
 from torch import nn
 
 from mil.errors import MilError
@@ -87,7 +88,7 @@ class CellDropout(nn.Module):
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # 64 random bits each
         keep = bits.view(torch.int16)[:n].view(x.shape) < self.threshold
-        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))  # scaled in place: one temporary, not two
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -98,6 +99,24 @@ class CellProjection(nn.Sequential):
 
     def __init__(self, *, in_dim: int, hidden_dim: int, dropout: float) -> None:
         super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(), CellDropout(dropout))
+
+
+class _TanhSigmoidGate(torch.autograd.Function):
+    """``tanh(a) * sigmoid(g)``, with tanh computed as ``2 sigmoid(2a) - 1`` (equal within 2e-7): torch's CPU tanh
+    kernel takes ~5x as long as its sigmoid. Its own backward also skips autograd's intermediate products.
+    Measured: ~3.5% of an ABMIL training step on CPU (gated attention over ~1,700 cells of 128 features)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        t = torch.sigmoid(a * 2).mul_(2).sub_(1)  # tanh(a)
+        s = torch.sigmoid(g)
+        ctx.save_for_backward(t, s)
+        return t * s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t, s = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad * s, t), torch.ops.aten.sigmoid_backward(grad * t, s)
 
 
 class GatedAttention(nn.Module):
@@ -115,8 +134,29 @@ class GatedAttention(nn.Module):
         self.score = nn.Linear(attention_dim, branches, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        gated = torch.tanh(self.tanh_branch(h)) * torch.sigmoid(self.gate_branch(h))  # (B, N, A)
+        gated = _TanhSigmoidGate.apply(self.tanh_branch(h), self.gate_branch(h))  # (B, N, A)
         return self.score(gated)  # (B, N, K) raw scores, K branches
+
+
+# Above this many entries of the (B, R, K) weight matrix, pool_cells sums with index_add instead.
+DENSE_POOL_ELEMENTS = 1 << 22
+
+
+def pool_cells(weights: torch.Tensor, h: torch.Tensor, bag: torch.Tensor, num_bags: int) -> torch.Tensor:
+    """Attention pooling of packed cells: ``pooled[b, k] = sum of weights[r, k] * h[r] over the cells r of bag b``.
+
+    weights (R, K), h (R, H), bag (R,) -> (B, K, H). One matrix product with the (B, R, K) matrix holding each
+    cell's weights in its bag's row and 0 elsewhere (forward and backward are each one small GEMM); the
+    elementwise (R, K, H) product + index_add it replaces was ~1.5% of an ABMIL training step. Batches whose
+    matrix would pass DENSE_POOL_ELEMENTS entries (many bags of many cells) take the index_add path.
+    """
+    r, k = weights.shape
+    if num_bags * r * k <= DENSE_POOL_ELEMENTS:
+        rows = torch.arange(r, device=weights.device)
+        matrix = weights.new_zeros(num_bags, r, k).index_put((bag, rows), weights)  # (B, R, K)
+        return einsum(matrix, h, "b r k, r h -> b k h")
+    weighted = einsum(weights, h, "r k, r h -> r k h")  # (R, K, H)
+    return weighted.new_zeros(num_bags, k, h.shape[1]).index_add(0, bag, weighted)
 
 
 class MilHead(nn.Module):

@@ -160,19 +160,21 @@ def packed_collate(items: list[tuple]) -> dict[str, torch.Tensor]:
     }
 
 
-def padded_batches(records: list[BagRecord], *, max_cells: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """(record indices, padded batch) over all bags sorted by length, each batch holding at most ``max_cells``
+def length_batches(
+    records: list[BagRecord], *, max_cells: int, collate: Callable[[list[tuple]], dict] = pad_collate
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(record indices, collated batch) over all bags sorted by length, each batch holding at most ``max_cells``
     padded cells (and at least one bag): for evaluation, where a few large batches beat many small ones."""
     data = BagDataset(records)
     lengths = data.lengths()
     batch: list[int] = []
     for index in np.argsort(lengths, kind="stable").tolist():
         if batch and lengths[index] * (len(batch) + 1) > max_cells:  # sorted: this bag is the longest so far
-            yield batch, pad_collate([data[i] for i in batch])
+            yield batch, collate([data[i] for i in batch])
             batch = []
         batch.append(index)
     if batch:
-        yield batch, pad_collate([data[i] for i in batch])
+        yield batch, collate([data[i] for i in batch])
 
 
 class LengthBucketSampler(Sampler[list[int]]):
