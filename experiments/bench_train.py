@@ -120,12 +120,12 @@ def run_ours(
     from mil.heads.data import BagRecord
     from mil.heads.train import TrainConfig, fit_predict
 
+    def records(ids):
+        return [BagRecord(pid, read_bag_features(root / "bags" / f"{pid}.h5"), labels[pid]) for pid in ids]
+
     TRAIN_SECONDS[0] = 0.0
     start = time.perf_counter()
-    records = {
-        role: [BagRecord(pid, read_bag_features(root / "bags" / f"{pid}.h5"), labels[pid]) for pid in ids]
-        for role, ids in split.items()
-    }
+    timed = {role: records(split[role]) for role in ("train", "val", "test")}
     config = TrainConfig(
         max_epochs=epochs,
         patience=epochs,
@@ -137,19 +137,20 @@ def run_ours(
         precision=precision,
         lr=lr,
     )
-    result = fit_predict(
-        "abmil",
-        train=records["train"],
-        val=records["val"],
-        test=records["val"] + records["test"],
-        num_classes=2,
-        config=config,
-        log_dir=log_dir,
-    )
+
+    def run(test):
+        return fit_predict(
+            "abmil", train=timed["train"], val=timed["val"], test=test, num_classes=2, config=config, log_dir=log_dir
+        )
+
+    result = run(timed["val"] + timed["test"])
     seconds = time.perf_counter() - start
     probs = result.probs[:, 1]
     n_val = len(split["val"])
-    return seconds, TRAIN_SECONDS[0], len(result.history["epochs"]), probs[:n_val], probs[n_val:]
+    scores = {"val": probs[:n_val], "test": probs[n_val:]}
+    # Not timed: the finished run in log_dir is reused (no training) to score the large holdout cohort.
+    scores["holdout"] = run(records(split["holdout"])).probs[:, 1]
+    return seconds, TRAIN_SECONDS[0], len(result.history["epochs"]), scores
 
 
 def run_torchmil(root: Path, split: dict, *, epochs: int, batch_size: int, seed: int, lr: float):
@@ -198,13 +199,18 @@ def run_torchmil(root: Path, split: dict, *, epochs: int, batch_size: int, seed:
     trainer.train(max_epochs=epochs, train_dataloader=train, val_dataloader=val)
     best = trainer.get_best_model().eval()
 
-    def predict(ids):
+    def predict(ids):  # torchmil's own path: its dataset, padded batches of its collate_fn, the model's mask
+        data = dataset(ids)  # its items come in sorted bag-name order
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
         with torch.no_grad():
-            return np.array([torch.sigmoid(best(dataset([i])[0]["X"][None])).item() for i in ids])
+            scores = np.concatenate([torch.sigmoid(best(b["X"], b["mask"])).reshape(-1).numpy() for b in loader])
+        by_name = dict(zip(data.bag_names, scores, strict=True))
+        return np.array([by_name[i] for i in ids])
 
-    val_scores, test_scores = predict(split["val"]), predict(split["test"])  # the same work as fit_predict's test
+    scores = {"val": predict(split["val"]), "test": predict(split["test"])}  # the same work as fit_predict's test
     seconds = time.perf_counter() - start
-    return seconds, TRAIN_SECONDS[0], val_scores, test_scores
+    scores["holdout"] = predict(split["holdout"])  # not timed
+    return seconds, TRAIN_SECONDS[0], scores
 
 
 def auroc(scores: np.ndarray, ids: list[str], labels: dict) -> float:
@@ -213,12 +219,36 @@ def auroc(scores: np.ndarray, ids: list[str], labels: dict) -> float:
     return float(roc_auc_score([labels[i] for i in ids], scores))
 
 
+def paired_auroc_difference(ours: list, theirs: list, positive: np.ndarray, *, seed: int, draws: int = 2000):
+    """Mean over repeats of AUROC(ours) - AUROC(theirs) on the holdout patients, with a 95% paired bootstrap
+    interval: each draw resamples patients once and scores every repeat of both loops on that resample."""
+    from mil.heads.module import binary_auroc
+
+    def mean_difference(index):
+        return np.mean(
+            [
+                binary_auroc(a[index], positive[index]) - binary_auroc(b[index], positive[index])
+                for a, b in zip(ours, theirs, strict=True)
+            ]
+        )
+
+    rng = np.random.default_rng(seed)
+    n, estimates = len(positive), []
+    while len(estimates) < draws:
+        index = rng.integers(0, n, n)
+        if 0 < positive[index].sum() < n:
+            estimates.append(mean_difference(index))
+    low, high = np.percentile(estimates, [2.5, 97.5])
+    return mean_difference(np.arange(n)), low, high
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=120)
+    parser.add_argument("--patients", type=int, default=120, help="timed cohort: 4/6 train, 1/6 val, 1/6 test")
+    parser.add_argument("--holdout", type=int, default=400, help="extra patients scored (untimed) by every model")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=None, help="AdamW lr of both loops (default: TrainConfig's)")
@@ -239,17 +269,34 @@ def main() -> None:
     lr = args.lr if args.lr is not None else TrainConfig().lr
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
-        ids, labels = write_cohort(root, patients=args.patients, seed=args.seed)
+        ids, labels = write_cohort(root, patients=args.patients + args.holdout, seed=args.seed)
         rng = np.random.default_rng(args.seed + 1)
-        order = list(rng.permutation(ids))
+        order = list(rng.permutation(ids[: args.patients]))
         n_val = n_test = args.patients // 6
-        split = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+        split = {
+            "val": order[:n_val],
+            "test": order[n_val : n_val + n_test],
+            "train": order[n_val + n_test :],
+            "holdout": ids[args.patients :],
+        }
         n_train = len(split["train"])
         variants = [(int(c), p) for c, p in (v.split(":") for v in args.ours.split(","))]
         rows: dict[str, list] = {**{f"ours, max_cells_train={c}, {p}": [] for c, p in variants}, "torchmil": []}
+        holdout: dict[str, list] = {name: [] for name in rows}  # holdout scores per repeat
+
+        def record(name, epochs_ran, total, train_s, scores):
+            rows[name].append(
+                (
+                    n_train * epochs_ran / train_s,
+                    n_train * epochs_ran / total,
+                    *(auroc(scores[role], split[role], labels) for role in ("val", "test", "holdout")),
+                )
+            )
+            holdout[name].append(scores["holdout"])
+
         for rep in range(args.repeats):
             for cap, precision in variants:
-                total, train_s, ran, val_p, test_p = run_ours(
+                total, train_s, ran, scores = run_ours(
                     root,
                     split,
                     labels,
@@ -261,25 +308,11 @@ def main() -> None:
                     precision=precision,
                     lr=lr,
                 )
-                rows[f"ours, max_cells_train={cap}, {precision}"].append(
-                    (
-                        n_train * ran / train_s,
-                        n_train * ran / total,
-                        auroc(val_p, split["val"], labels),
-                        auroc(test_p, split["test"], labels),
-                    )
-                )
-            total, train_s, val_p, test_p = run_torchmil(
+                record(f"ours, max_cells_train={cap}, {precision}", ran, total, train_s, scores)
+            total, train_s, scores = run_torchmil(
                 root, split, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed + rep, lr=lr
             )
-            rows["torchmil"].append(
-                (
-                    n_train * args.epochs / train_s,
-                    n_train * args.epochs / total,
-                    auroc(val_p, split["val"], labels),
-                    auroc(test_p, split["test"], labels),
-                )
-            )
+            record("torchmil", args.epochs, total, train_s, scores)
             print(
                 f"repeat {rep + 1}: "
                 + ", ".join(f"{k} {v[-1][0]:.1f} / {v[-1][1]:.1f} bags/s" for k, v in rows.items()),
@@ -289,12 +322,14 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(f"\nmachine: {cpu}, {os.cpu_count()} cores, torch threads {args.threads}, load avg {os.getloadavg()}")
     print(
-        f"cohort: {args.patients} patients ({n_train} train / {n_val} val / {n_test} test), D={DIM}, "
-        f"50-400 cells, hidden {HIDDEN}, batch {args.batch_size}, {args.epochs} epochs, {args.repeats} repeats"
+        f"cohort: {args.patients} patients ({n_train} train / {n_val} val / {n_test} test) + {args.holdout} holdout "
+        f"(untimed), D={DIM}, 50-400 cells, hidden {HIDDEN}, batch {args.batch_size}, {args.epochs} epochs, "
+        f"lr {lr:g}, {args.repeats} repeats"
     )
-    train_ref = statistics.median(v[0] for v in rows["torchmil"])
-    total_ref = statistics.median(v[1] for v in rows["torchmil"])
     reference = rows["torchmil"]
+
+    def median(values, k):
+        return statistics.median(v[k] for v in values)
 
     def paired(values, k):
         # Each repeat runs ours and torchmil back to back: the ratio within a repeat sees the same load.
@@ -302,19 +337,26 @@ def main() -> None:
 
     print(
         "\n| loop | training bags/s (train steps) | vs torchmil (medians; per-repeat) | end-to-end bags/s "
-        "| vs torchmil (medians; per-repeat) | val AUROC | test AUROC |"
+        "| vs torchmil (medians; per-repeat) | val AUROC | test AUROC | holdout AUROC (mean ± sd) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, values in rows.items():
-        train_speed = statistics.median(v[0] for v in values)
-        total_speed = statistics.median(v[1] for v in values)
         print(
-            f"| {name} | {train_speed:.1f} ({', '.join(f'{v[0]:.0f}' for v in values)}) "
-            f"| {train_speed / train_ref:.2f}x; {paired(values, 0):.2f}x "
-            f"| {total_speed:.1f} ({', '.join(f'{v[1]:.0f}' for v in values)}) "
-            f"| {total_speed / total_ref:.2f}x; {paired(values, 1):.2f}x "
-            f"| {statistics.median(v[2] for v in values):.3f} | {statistics.median(v[3] for v in values):.3f} |"
+            f"| {name} | {median(values, 0):.1f} ({', '.join(f'{v[0]:.0f}' for v in values)}) "
+            f"| {median(values, 0) / median(reference, 0):.2f}x; {paired(values, 0):.2f}x "
+            f"| {median(values, 1):.1f} ({', '.join(f'{v[1]:.0f}' for v in values)}) "
+            f"| {median(values, 1) / median(reference, 1):.2f}x; {paired(values, 1):.2f}x "
+            f"| {median(values, 2):.3f} | {median(values, 3):.3f} "
+            f"| {np.mean([v[4] for v in values]):.3f} ± {np.std([v[4] for v in values]):.3f} |"
         )
+    positive = np.array([labels[i] == 1 for i in split["holdout"]])
+    print(
+        f"\nholdout AUROC, ours - torchmil (mean over repeats, 95% paired bootstrap over the {args.holdout} patients):"
+    )
+    for name in rows:
+        if name != "torchmil":
+            mean, low, high = paired_auroc_difference(holdout[name], holdout["torchmil"], positive, seed=args.seed)
+            print(f"  {name}: {mean:+.3f} [{low:+.3f}, {high:+.3f}]")
 
 
 if __name__ == "__main__":

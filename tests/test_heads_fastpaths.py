@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from mil.heads import common, create_head, list_heads
+from mil.heads import common, create_head, list_heads, train
 from mil.heads.checkpoints import RunCheckpoint
 from mil.heads.common import CellDropout, GatedAttention, pool_cells
 from mil.heads.data import BagRecord, packed_collate, pad_collate
@@ -69,7 +69,8 @@ def _bags(n: int, seed: int) -> list[BagRecord]:
     return bags
 
 
-def test_checkpoints_are_flushed_every_five_epochs_and_at_the_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize("every_seconds", [0.0, 3600.0])
+def test_checkpoints_are_flushed_when_due_and_at_the_end(tmp_path, monkeypatch, every_seconds):
     flushed = []
     original = RunCheckpoint._flush
 
@@ -78,11 +79,12 @@ def test_checkpoints_are_flushed_every_five_epochs_and_at_the_end(tmp_path, monk
         original(self, trainer)
 
     monkeypatch.setattr(RunCheckpoint, "_flush", record)
+    monkeypatch.setattr(train, "LAST_EVERY_SECONDS", every_seconds)
     config = TrainConfig(max_epochs=7, patience=100, lr=5e-3, hidden_dim=8, batch_size=4, seed=1)
     result = fit_predict(
         "abmil", train=_bags(12, 0), val=_bags(6, 1), test=_bags(2, 2), num_classes=2, config=config, log_dir=tmp_path
     )
-    assert flushed == [4, 6]
+    assert flushed == (list(range(7)) if every_seconds == 0 else [6])  # a short run writes once, at the end
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
     assert last["epoch"] == 6 and [e["epoch"] for e in last["history"]["epochs"]] == list(range(7))

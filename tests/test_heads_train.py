@@ -196,7 +196,9 @@ TRAIN_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
     from test_heads_train import make_bags, tiny_config
+    from mil.heads import train
     from mil.heads.train import fit_predict
+    train.LAST_EVERY_SECONDS = 0.0  # checkpoints after every epoch, so the kill lands between two of them
     if __name__ == "__main__":  # DDP spawns fresh interpreters that import this file
         config = tiny_config(max_epochs={epochs}, devices={devices}, patience=100)
         result = fit_predict({head!r}, train=make_bags(16, 0), val=make_bags(6, 1), test=make_bags(4, 2),

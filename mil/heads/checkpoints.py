@@ -2,17 +2,17 @@
 
 Lightning's two ModelCheckpoint callbacks wrote ``last.ckpt`` every epoch and ``best.ckpt`` at every
 improvement, each atomically (temp file, fsync, re-read with ``weights_only=True``, rename): on a short CPU
-run that was ~10% of the wall time. Here the best epoch is serialised in memory when the monitor improves
-and both files are written together, best first, every ``every_epochs`` epochs, when ``every_seconds`` have
-passed since the last write, and at the last epoch (max_epochs reached or early stopping). The files on disk
-therefore always describe one point of the run: ``last.ckpt`` of epoch e and the best epoch up to e. A run
-killed later resumes from that ``last.ckpt`` and replays the epochs after e exactly (cells, batch order and
-dropout depend only on seed and epoch), so it ends with the same weights as an uninterrupted run.
+run that was ~10% of the wall time. Here the best epoch's weights are copied in memory when the monitor improves
+and both files are written together, best first, when ``every_seconds`` have passed since the last write
+and at the last epoch (max_epochs reached or early stopping).
+The files on disk therefore always describe one point of the run: ``last.ckpt`` of epoch e and the best
+epoch up to e. A run killed later loses at most ``every_seconds`` of training (plus the epoch in progress):
+it resumes from that ``last.ckpt`` and replays the epochs after e exactly (cells, batch order and dropout
+depend only on seed and epoch), so it ends with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from pathlib import Path
@@ -25,7 +25,9 @@ from mil.atomic import atomic_path
 
 class RunCheckpoint(Checkpoint):
     """``last.ckpt`` and (with a monitor) ``best.ckpt`` in ``dirpath``; a ``Checkpoint`` subclass, so Lightning
-    calls it after EarlyStopping at each epoch end and it sees whether this epoch is the last one."""
+    calls it after EarlyStopping at each epoch end and it sees whether this epoch is the last one.
+    ``last.ckpt`` is a full Lightning checkpoint (resume starts there); ``best.ckpt`` holds the best epoch's
+    weights: state_dict, epoch, global_step, monitor and best_score."""
 
     def __init__(
         self,
@@ -33,7 +35,6 @@ class RunCheckpoint(Checkpoint):
         dirpath: str | Path,
         monitor: str | None,
         mode: str = "min",
-        every_epochs: int = 5,
         every_seconds: float = 60.0,
     ) -> None:
         if mode not in ("min", "max"):
@@ -41,7 +42,6 @@ class RunCheckpoint(Checkpoint):
         self.dirpath = Path(dirpath)
         self.monitor = monitor
         self.mode = mode
-        self.every_epochs = max(1, int(every_epochs))
         self.every_seconds = float(every_seconds)
         self.best_score: float | None = None
         self.best_epoch: int | None = None
@@ -74,32 +74,34 @@ class RunCheckpoint(Checkpoint):
             value = float(trainer.callback_metrics[self.monitor])
             if self._improved(value):
                 self.best_score, self.best_epoch = value, epoch
-                # Serialise now (the weights change in place from the next step on); written at the next flush.
-                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-                if trainer.is_global_zero:
-                    buffer = io.BytesIO()
-                    torch.save(checkpoint, buffer)
-                    self._pending_best = buffer.getvalue()
+                if trainer.is_global_zero:  # copied now (the weights change in place from the next step on)
+                    self._pending_best = {
+                        "epoch": epoch,
+                        "global_step": int(trainer.global_step),
+                        "monitor": self.monitor,
+                        "best_score": value,
+                        "state_dict": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                    }
         final = trainer.should_stop or epoch + 1 >= int(trainer.max_epochs or 0)
-        due = (epoch + 1) % self.every_epochs == 0 or time.monotonic() - self._last_write >= self.every_seconds
+        due = time.monotonic() - self._last_write >= self.every_seconds
         if final or due:
             self._flush(trainer)
 
     def _flush(self, trainer) -> None:
         if self._pending_best is not None and trainer.is_global_zero:
-            _write_bytes(self.dirpath / "best.ckpt", self._pending_best)
+            write_checkpoint(self.dirpath / "best.ckpt", self._pending_best)
         self._pending_best = None
         trainer.strategy.barrier("RunCheckpoint.best")
         trainer.save_checkpoint(self.dirpath / "last.ckpt")  # writes on rank 0 through AtomicCheckpointIO
         self._last_write = time.monotonic()
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Atomic write of a serialised checkpoint, re-read with weights_only=True before the rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_checkpoint(path: str | Path, checkpoint: dict) -> None:
+    """Atomic write of a checkpoint dict, re-read with weights_only=True before the rename (RELIABILITY 1, 6)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
 
     def readable(tmp) -> None:
         torch.load(tmp, map_location="cpu", weights_only=True)
 
     with atomic_path(path, readable) as tmp:
-        Path(tmp).write_bytes(data)
+        torch.save(checkpoint, tmp)

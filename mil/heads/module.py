@@ -8,7 +8,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
-from mil.atomic import atomic_path
+from mil.heads.checkpoints import write_checkpoint
 from mil.heads.common import MilHead
 from mil.heads.data import BagDataset, BagRecord, LengthBucketSampler, length_batches, packed_collate, pad_collate
 
@@ -50,11 +50,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written to a temp file, re-read with weights_only=True, then renamed (RELIABILITY 1, 6)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        def readable(tmp) -> None:
-            torch.load(tmp, map_location="cpu", weights_only=True)
-
-        with atomic_path(path, readable) as tmp:
-            torch.save(checkpoint, tmp)
+        write_checkpoint(path, checkpoint)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)

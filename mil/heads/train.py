@@ -3,7 +3,7 @@
 AdamW, class-weighted cross-entropy, random cell subsampling per bag in training, length-bucketed
 batches, early stopping on the inner validation split with the best checkpoint restored, CSV logs
 always and wandb only when asked. Checkpoints are written atomically and loaded with
-``weights_only=True``, every ``LAST_EVERY_EPOCHS`` epochs or ``LAST_EVERY_SECONDS`` and at the end
+``weights_only=True``, every ``LAST_EVERY_SECONDS`` of training and at the end
 (``mil.heads.checkpoints.RunCheckpoint``); a run interrupted mid-epoch resumes from ``last.ckpt`` in its
 ``log_dir`` and ends with the same weights, and a finished run is not trained again (its best checkpoint is reused).
 With ``devices > 1`` it trains with DDP (gloo on CPU, nccl on GPUs); see ``TrainConfig.strategy``. Every
@@ -37,8 +37,8 @@ from mil.heads.registry import create_head
 CHECKPOINT_DIR = "checkpoints"
 RUN_FILE = "run.json"
 FINISHED_FILE = "finished.json"
-# A killed run loses at most this much training; every write is atomic with fsync and a re-read.
-LAST_EVERY_EPOCHS = 5
+# A killed run loses at most this much training (plus the epoch in progress); every write is atomic with fsync
+# and a re-read. Short runs therefore write their checkpoints once, at the end.
 LAST_EVERY_SECONDS = 60.0
 
 
@@ -228,13 +228,12 @@ def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: 
     callbacks = []
     if has_val:
         callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
-    # last.ckpt every few epochs and at the end, best.ckpt with it (see mil.heads.checkpoints: resume is exact).
+    # last.ckpt every LAST_EVERY_SECONDS and at the end, best.ckpt with it (see mil.heads.checkpoints: resume is exact).
     callbacks.append(
         RunCheckpoint(
             dirpath=log_dir / CHECKPOINT_DIR,
             monitor=config.monitor if has_val else None,
             mode=mode,
-            every_epochs=LAST_EVERY_EPOCHS,
             every_seconds=LAST_EVERY_SECONDS,
         )
     )
