@@ -67,9 +67,9 @@ class TrainConfig:
     head_kwargs: dict = field(default_factory=dict)  # extra constructor options of the head
     wandb: str = "disabled"  # "offline" | "online" | "disabled"; WANDB_MODE=disabled in the env wins
     wandb_project: str = "cytomil"
-    # "32-true" (exact, reproducible to the bit on CPU) or "bf16-mixed" (autocast: ~1.3x faster ABMIL training
-    # steps on a CPU with AVX512-BF16, see docs/benchmarks.md, and faster on GPUs; the trained model differs
-    # from fp32, still seeded and reproducible).
+    # "32-true" (exact, reproducible to the bit on CPU) or "bf16-mixed" (autocast: ~1.15x faster ABMIL training
+    # steps and end to end on a CPU with AVX512-BF16, see docs/benchmarks.md, and faster on GPUs; the trained
+    # model differs from fp32, still seeded and reproducible).
     precision: str = "32-true"
     enable_progress_bar: bool = False
     deterministic: bool = True
