@@ -21,8 +21,15 @@ def listing(problems: list[str], limit: int = 50) -> str:
     return "\n".join(shown)
 
 
-def refuse_unknown_keys(values: dict, known, what: str) -> None:
-    """Strict configs: a key that is not a field is an error naming it and the valid ones."""
-    unknown = set(values) - set(known)
+def refuse_unknown_keys(values, known, what: str) -> None:
+    """Strict configs: keys of `values` not in `known` are a ConfigError naming them, the valid keys of `what`
+    (e.g. "compare config runs/c.yaml") and the closest valid key of each typo."""
+    import difflib
+
+    known = sorted(known)
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(f"unknown {what} key(s) {sorted(unknown)}; known: {sorted(known)}")
+        hints = [f"{k!r} -> did you mean {m[0]!r}?" for k in unknown if (m := difflib.get_close_matches(k, known, 1))]
+        raise ConfigError(
+            f"{what}: unknown key(s) {unknown}; valid keys: {known}" + (f" ({'; '.join(hints)})" if hints else "")
+        )

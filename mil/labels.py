@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from mil.errors import ConfigError, InputError, listing
+from mil.errors import ConfigError, InputError, listing, refuse_unknown_keys
 
 DROP = "drop"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -92,9 +92,7 @@ def load_label_map(path: str | Path | None = None) -> LabelMap:
         spec = yaml.safe_load(path.read_text())
     except FileNotFoundError as e:
         raise ConfigError(f"label map {path} does not exist; pass an existing YAML file to --label-map") from e
-    unknown = set(spec) - {"name", "classes", "map", "groups"}
-    if unknown:
-        raise ConfigError(f"label map {path}: unknown keys {sorted(unknown)}; allowed: name, classes, map, groups")
+    refuse_unknown_keys(spec, ("name", "classes", "map", "groups"), f"label map {path}")
     if not spec.get("classes"):
         raise ConfigError(f"label map {path} has no `classes` list")
     return LabelMap(

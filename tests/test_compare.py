@@ -115,7 +115,7 @@ def test_a_changed_cohort_is_refused_against_the_existing_split_file(tmp_path, c
 def test_strict_config_and_unknown_heads(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("heads: [count.logreg]\nfoldz: 3\n")
-    with pytest.raises(ConfigError, match="foldz"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key\(s\) \['foldz'\].*did you mean 'folds'"):
         load_compare_config(bad)
     with pytest.raises(ConfigError, match="wandb"):
         load_compare_config(None, wandb="always")

@@ -181,7 +181,9 @@ def test_bf16_mixed_precision_trains_and_predicts(tmp_path):
 
 
 def test_bad_inputs_and_unknown_options_are_named():
-    with pytest.raises(ConfigError, match="max_epoch"):
+    with pytest.raises(
+        ConfigError, match=r"training config: unknown key\(s\) \['max_epoch'\].*did you mean 'max_epochs'"
+    ):
         TrainConfig.from_dict({"max_epoch": 3})
     with pytest.raises(ConfigError, match="monitor"):
         TrainConfig(monitor="accuracy")

@@ -61,7 +61,9 @@ def test_unknown_or_invalid_keys_name_the_key_and_the_fix(tmp_path: Path) -> Non
         config_from_dict({"patinets": 3})
     bad = tmp_path / "bad.yaml"
     bad.write_text("diagnoses:\n  ALL:\n    proportion: 1\n    composition: {lymphoblast: 1}\n    colour: red\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml.*\['colour'\] in diagnoses.ALL; valid:.*composition"):
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml diagnoses.ALL: unknown key\(s\) \['colour'\]; valid keys:.*composition"
+    ):
         load_synth_config(bad)
     base = load_synth_config()
     with pytest.raises(ConfigError, match=r"background names \['blastocyte'\].*valid:"):

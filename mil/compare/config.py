@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from mil.errors import ConfigError
+from mil.errors import ConfigError, refuse_unknown_keys
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 DEFAULT_COMPARE_CONFIG = CONFIG_DIR / "compare.yaml"
@@ -84,9 +84,7 @@ def load_compare_config(path: str | Path | None = None, **overrides) -> CompareC
         raise ConfigError(f"compare config {path} must be a YAML mapping of key: value")
     known = {f.name for f in dataclasses.fields(CompareConfig)}
     spec = {k: v for k, v in spec.items() if k not in RECORDED_KEYS}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ConfigError(f"compare config {path}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    refuse_unknown_keys(spec, known, f"compare config {path}")
     spec.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return CompareConfig(**spec)

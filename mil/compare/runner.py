@@ -19,7 +19,7 @@ from mil.atomic import atomic_path
 from mil.compare.config import CompareConfig
 from mil.count import build_count_data, create_count_head, is_count_head, list_count_heads, load_groups
 from mil.count.differential import check_crossfit, crossfit_folder, trained_patients
-from mil.errors import ConfigError, InputError, listing
+from mil.errors import ConfigError, InputError, listing, refuse_unknown_keys
 from mil.protocol import Splits, crossfit_plan, load_or_create_splits
 
 
@@ -90,9 +90,7 @@ def _train_config(config: CompareConfig, seed: int, head_kwargs: dict | None = N
     from mil.heads.train import TrainConfig
 
     known = set(TrainConfig.__dataclass_fields__)
-    unknown = sorted(set(config.train) - known)
-    if unknown:
-        raise ConfigError(f"compare config train: unknown key(s) {unknown}; TrainConfig takes {sorted(known)}")
+    refuse_unknown_keys(config.train, known, "compare config section train (TrainConfig)")
     options = {**config.train, "seed": int(config.train.get("seed", 0)) + seed}
     if head_kwargs:
         options["head_kwargs"] = {**config.train.get("head_kwargs", {}), **head_kwargs}

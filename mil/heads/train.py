@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from mil.atomic import atomic_write_text
-from mil.errors import ConfigError
+from mil.errors import ConfigError, refuse_unknown_keys
 from mil.heads.common import MilHead
 from mil.heads.data import BagRecord, check_records, covariate_width
 from mil.heads.module import AtomicCheckpointIO, HeadModule, evaluate_bags
@@ -96,10 +96,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         """Strict: a key that is not a field is an error naming the valid keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; valid options: {', '.join(sorted(known))}")
+        refuse_unknown_keys(values, [f.name for f in fields(cls)], "training config")
         return cls(**values)
 
     def to_dict(self) -> dict:

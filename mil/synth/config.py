@@ -6,14 +6,13 @@ Unknown keys are errors that list the valid ones, so a typo never silently falls
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mil.errors import ConfigError
+from mil.errors import ConfigError, refuse_unknown_keys
 from mil.labels import CONFIG_DIR, load_label_map
 
 DEFAULT_SYNTH_CONFIG = CONFIG_DIR / "synth.yaml"
@@ -141,9 +140,7 @@ _DIAGNOSIS_KEYS = ("proportion", "ncit_concept_code", "subtypes", "composition")
 def _diagnosis(name: str, spec: Any, source: str) -> DiagnosisConfig:
     if not isinstance(spec, dict):
         raise ConfigError(f"{source}: diagnoses.{name} must be a mapping with keys {list(_DIAGNOSIS_KEYS)}")
-    unknown = sorted(set(spec) - set(_DIAGNOSIS_KEYS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown} in diagnoses.{name}; valid: {list(_DIAGNOSIS_KEYS)}")
+    refuse_unknown_keys(spec, _DIAGNOSIS_KEYS, f"{source} diagnoses.{name}")
     return DiagnosisConfig(
         name=str(name),
         proportion=float(spec.get("proportion", 1.0)),
@@ -158,13 +155,7 @@ def config_from_dict(spec: dict, source: str = "synth config") -> SynthConfig:
     if not isinstance(spec, dict):
         raise ConfigError(f"{source}: expected a mapping of knobs at the top level")
     valid = {f.name: f for f in dataclasses.fields(SynthConfig)}
-    unknown = sorted(set(spec) - set(valid))
-    if unknown:
-        hints = [f"{k!r} -> did you mean {m[0]!r}?" for k in unknown if (m := difflib.get_close_matches(k, valid, 1))]
-        raise ConfigError(
-            f"{source}: unknown key(s) {unknown}; valid keys: {sorted(valid)}"
-            + (f" ({'; '.join(hints)})" if hints else "")
-        )
+    refuse_unknown_keys(spec, valid, source)
     kwargs: dict[str, Any] = {}
     for key, value in spec.items():
         if key == "diagnoses":
