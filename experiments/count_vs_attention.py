@@ -11,7 +11,7 @@ Three cohorts from `mil synth`, each read with the Zenodo reader, embedded with 
 
     .venv/bin/python experiments/count_vs_attention.py --out runs/count_vs_attention
 
-(about 25 min on 2 busy CPU cores; `--cohorts cue_on_overlap,cue_off_overlap` runs the cue pair only)
+(about 5 min on 2 idle CPU cores, 25 on busy ones; `--cohorts cue_on_overlap,cue_off_overlap` runs the cue pair only)
 
 Steps already done (a cohort's cell table, its bags) are reused; results go to OUT/<cohort>/results and the
 tables to OUT/count_vs_attention.md.
