@@ -22,12 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", default=defaults.init, choices=["random", "imagenet"])
     parser.add_argument("--imbalance", default=defaults.imbalance, choices=list(IMBALANCE))
     for f in fields(ClassifierConfig):
-        if f.name in ("arch", "init", "imbalance", "augment", "accelerator", "verbose"):
+        if f.name in ("arch", "init", "imbalance", "augment", "accelerator", "verbose", "resume"):
             continue
         parser.add_argument(
             f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name)
         )
     parser.add_argument("--no-augment", action="store_true", help="train without flips, rotations and stain jitter")
+    parser.add_argument(
+        "--no-resume", action="store_true", help="train from scratch even when --out holds the same run (out/run/)"
+    )
     parser.add_argument("--accelerator", default=defaults.accelerator, help="cpu, gpu or auto (Lightning)")
 
 
@@ -36,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     from mil.classifier.train import ClassifierConfig, train_classifier
     from mil.labels import load_label_map
 
-    values = {f.name: getattr(args, f.name) for f in fields(ClassifierConfig) if f.name not in ("augment", "verbose")}
-    config = ClassifierConfig(**values, augment=not args.no_augment, verbose=True)
+    flags = ("augment", "verbose", "resume")
+    values = {f.name: getattr(args, f.name) for f in fields(ClassifierConfig) if f.name not in flags}
+    config = ClassifierConfig(**values, augment=not args.no_augment, verbose=True, resume=not args.no_resume)
     cells = read_cell_table(args.cells)
     class_names = list(load_label_map(args.label_map).classes) if args.label_map else None
     result = train_classifier(cells, out_dir=args.out, config=config, class_names=class_names)

@@ -124,16 +124,18 @@ class CropDataset(torch.utils.data.Dataset):
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.augment = augment
         self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.crops)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        # Training samplers give (index, epoch) (mil.classifier.resume.EpochSampler): the epoch travels with the
+        # index, so worker processes and resumed runs seed the same augmentation without any epoch hook.
+        i, epoch = item if isinstance(item, tuple) else (item, 0)
         x = torch.from_numpy(self.crops[i]).permute(2, 0, 1).float() / 255.0  # (3, S, S)
         if self.augment is not None:
             # Seeded per (epoch, item) so a run is reproducible with any number of loader workers.
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + i)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 100_003 + i)
             x = smear_augment(x, self.augment, g)
         return (x - self.mean) / self.std, int(self.targets[i])
 

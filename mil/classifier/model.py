@@ -6,6 +6,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from mil.classifier.resume import epoch_seed
 from mil.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -87,6 +88,7 @@ class CellClassifierModule(L.LightningModule):
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         max_epochs: int = 10,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -108,7 +110,10 @@ class CellClassifierModule(L.LightningModule):
         self.log(f"{stage}_loss", loss, on_epoch=True, on_step=False, prog_bar=False, batch_size=len(y))
         return loss
 
-    def training_step(self, batch, batch_idx):  # noqa: ARG002 (Lightning's signature)
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            # Dropout (and any other global draw) follows a stream fixed by (seed, epoch): a resumed epoch replays.
+            torch.manual_seed(epoch_seed(self.hparams.seed, self.current_epoch, 1))
         return self._loss(batch, "train")
 
     def validation_step(self, batch, batch_idx):  # noqa: ARG002
@@ -127,6 +132,13 @@ class CellClassifierModule(L.LightningModule):
         if not self.trainer.sanity_checking:
             self._close_epoch("val")
         self._sums["val"] = [0.0, 0]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Written at an epoch's end, after on_train_epoch_end closed it: a resumed run's history is the whole run's.
+        checkpoint["history"] = {stage: list(losses) for stage, losses in self.history.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = {stage: list(losses) for stage, losses in checkpoint.get("history", self.history).items()}
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

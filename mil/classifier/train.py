@@ -4,13 +4,15 @@
 of the best validation epoch, scores the test patients and writes checkpoint, metrics.json, config.json and the
 confusion matrix PNG. `train_crossfitted` repeats that per outer fold and predicts every cell of a fold's test
 patients with the model trained without them: the count source the count-based heads need.
+
+A run keeps its checkpoints in `out_dir/run/` (see mil.classifier.resume): killed at any point, the same call
+resumes from the last one and ends with the weights of an uninterrupted run; a finished run is reused, not
+retrained (so a rerun of `train_crossfitted` trains only the folds that did not finish).
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch
 
 from mil.atomic import atomic_write_text
 from mil.cell_table import CellTable
+from mil.classifier import resume
 from mil.classifier.data import (
     AugmentConfig,
     CropDataset,
@@ -33,7 +36,10 @@ from mil.classifier.data import (
 from mil.classifier.metrics import classification_metrics, write_confusion_png
 from mil.classifier.model import CellClassifierModule, normalization
 from mil.classifier.predict import load_classifier, predict_crops, predict_rows, save_checkpoint
+from mil.classifier.resume import RUN_DIR, ClassifierCheckpoint, EpochSampler, load_run, run_fingerprint
 from mil.errors import ConfigError, InputError, refuse_unknown_keys
+from mil.heads.module import AtomicCheckpointIO
+from mil.heads.train import CHECKPOINT_DIR, FINISHED_FILE, _prepare_log_dir
 
 IMBALANCE = ("weighted_loss", "sampler", "none")
 
@@ -61,6 +67,7 @@ class ClassifierConfig:
     devices: int = 1
     num_workers: int = 0
     verbose: bool = False  # one line per epoch (losses, seconds) on stdout
+    resume: bool = True  # reuse a finished run / continue from out_dir/run/checkpoints/last.ckpt of the same run
 
     def __post_init__(self) -> None:
         if self.imbalance not in IMBALANCE:
@@ -72,6 +79,9 @@ class ClassifierConfig:
     def from_dict(cls, values: dict) -> ClassifierConfig:
         refuse_unknown_keys(values, cls.__dataclass_fields__, "classifier config")
         return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -101,26 +111,11 @@ class CrossFitResult:
         return with_predictions(cells, self.probs, self.class_names)
 
 
-class _KeepBest(L.Callback):
-    """Remember the weights of the epoch with the lowest validation loss (restored after training)."""
-
-    def __init__(self) -> None:
-        self.best = math.inf
-        self.state = None
-        self.epoch = -1
-
-    # on_validation_end runs after the module's on_validation_epoch_end has appended this epoch's val loss.
-    def on_validation_end(self, trainer, module) -> None:
-        if trainer.sanity_checking or not module.history["val_loss"]:
-            return
-        loss = module.history["val_loss"][-1]
-        if loss < self.best:
-            self.best, self.epoch = loss, len(module.history["val_loss"]) - 1  # index into history
-            self.state = copy.deepcopy(module.net.state_dict())
-
-
 class _EpochPrinter(L.Callback):
     """One line per epoch: the progress bar is off (it floods logs of batch jobs), this is what a user watches."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()  # a resumed run may skip the start hook of the epoch it resumes into
 
     def on_train_epoch_start(self, trainer, module) -> None:
         self.start = time.perf_counter()
@@ -135,16 +130,6 @@ class _EpochPrinter(L.Callback):
         print(f"{epoch}: train loss {train:.4f}, val loss {val:.4f}, {seconds:.0f} s", flush=True)
 
 
-class _EpochCounter(L.Callback):
-    """Tell the dataset the epoch so its seeded augmentation differs between epochs."""
-
-    def __init__(self, dataset: CropDataset) -> None:
-        self.dataset = dataset
-
-    def on_train_epoch_start(self, trainer, module) -> None:
-        self.dataset.epoch = trainer.current_epoch
-
-
 def _class_weights(targets: np.ndarray, num_classes: int) -> list[float]:
     """Inverse class frequency, mean 1 over the classes present; an absent class gets 1 (it never occurs)."""
     counts = np.bincount(targets, minlength=num_classes).astype(float)
@@ -154,22 +139,20 @@ def _class_weights(targets: np.ndarray, num_classes: int) -> list[float]:
     return w.tolist()
 
 
-def _loader(dataset: CropDataset, config: ClassifierConfig, *, train: bool) -> torch.utils.data.DataLoader:
-    generator = torch.Generator().manual_seed(config.seed)
-    sampler, shuffle = None, train
-    if train and config.imbalance == "sampler":
-        counts = np.bincount(dataset.targets)
-        weights = 1.0 / counts[dataset.targets]
-        sampler = torch.utils.data.WeightedRandomSampler(
-            torch.as_tensor(weights, dtype=torch.double), len(dataset), replacement=True, generator=generator
-        )
-        shuffle = False
+def _loader(
+    dataset: CropDataset, config: ClassifierConfig, *, train: bool, epoch_source=None
+) -> torch.utils.data.DataLoader:
+    """Training: an order drawn per (seed, epoch) (class-balanced draws with imbalance 'sampler'); else in order."""
+    sampler = None
+    if train:
+        weights = None
+        if config.imbalance == "sampler":
+            weights = 1.0 / np.bincount(dataset.targets)[dataset.targets]
+        sampler = EpochSampler(len(dataset), seed=config.seed, epoch_source=epoch_source, weights=weights)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
-        shuffle=shuffle,
         sampler=sampler,
-        generator=generator,
         num_workers=config.num_workers,
         drop_last=train and len(dataset) > config.batch_size,
     )
@@ -216,35 +199,19 @@ def train_classifier(
         class_weights=weights,
         label_smoothing=config.label_smoothing,
         max_epochs=config.max_epochs,
-    )
-    augment = AugmentConfig() if config.augment else None
-    train_set = CropDataset(
-        crops=crops["train"], targets=targets["train"], mean=mean, std=std, augment=augment, seed=config.seed
+        seed=config.seed,
     )
     has_val = len(parts.get("val", [])) > 0
-    val_loader = None
-    if has_val:
-        val_set = CropDataset(crops=crops["val"], targets=targets["val"], mean=mean, std=std)
-        val_loader = _loader(val_set, config, train=False)
-    keep_best = _KeepBest()
-    callbacks = [keep_best, _EpochCounter(train_set)] + ([_EpochPrinter()] if config.verbose else [])
-    if has_val and config.patience > 0:
-        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience))
-    trainer = L.Trainer(
-        max_epochs=config.max_epochs,
-        max_steps=config.max_steps,
-        accelerator=config.accelerator,
-        devices=config.devices,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
-    trainer.fit(module, _loader(train_set, config, train=True), val_loader)
-    if keep_best.state is not None:
-        module.net.load_state_dict(keep_best.state)
+    run_dir = out_dir / RUN_DIR
+    trained_on = {name: ([r["cell_id"] for r in parts[name]], crops[name], targets[name]) for name in ("train", "val")}
+    fingerprint = run_fingerprint(config, class_names, split, module.net, trained_on)
+    state = _prepare_log_dir(run_dir, fingerprint, config)
+    if state != "finished":
+        resume_from = run_dir / CHECKPOINT_DIR / "last.ckpt" if state == "resume" else None
+        _fit(module, config, crops=crops, targets=targets, mean=mean, std=std, run_dir=run_dir, resume_from=resume_from)
+    kept, module.history, best_epoch = load_run(run_dir, CHECKPOINT_DIR, has_val)
+    module.load_state_dict(kept)
+    atomic_write_text(run_dir / FINISHED_FILE, json.dumps({"best_epoch": best_epoch}) + "\n")
     module.net.eval()
 
     ckpt = save_checkpoint(
@@ -263,7 +230,7 @@ def train_classifier(
         if len(parts.get(name, [])):
             probs = predict_crops(module.net, crops[name], mean=mean, std=std, device=device)
             scored[name] = (probs, classification_metrics(targets[name], probs, class_names))
-    history = dict(module.history, best_epoch=keep_best.epoch)
+    history = dict(module.history, best_epoch=best_epoch)
     result = ClassifierResult(
         checkpoint=ckpt,
         class_names=class_names,
@@ -276,6 +243,43 @@ def train_classifier(
     )
     _write_outputs(out_dir, config, result)
     return result
+
+
+def _fit(module, config, *, crops, targets, mean, std, run_dir: Path, resume_from: Path | None) -> None:
+    """Train with Lightning from scratch or from ``resume_from``; checkpoints go to ``run_dir`` (see resume.py)."""
+    augment = AugmentConfig() if config.augment else None
+    train_set = CropDataset(
+        crops=crops["train"], targets=targets["train"], mean=mean, std=std, augment=augment, seed=config.seed
+    )
+    train_loader = _loader(train_set, config, train=True, epoch_source=lambda: module.current_epoch)
+    has_val = len(crops.get("val", [])) > 0
+    val_loader = None
+    if has_val:
+        val_set = CropDataset(crops=crops["val"], targets=targets["val"], mean=mean, std=std)
+        val_loader = _loader(val_set, config, train=False)
+    checkpoint = ClassifierCheckpoint(
+        dirpath=run_dir / CHECKPOINT_DIR,
+        monitor="val_loss" if has_val else None,
+        every_seconds=resume.LAST_EVERY_SECONDS,
+    )
+    callbacks = [checkpoint] + ([_EpochPrinter()] if config.verbose else [])
+    if has_val and config.patience > 0:
+        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience))
+    trainer = L.Trainer(
+        max_epochs=config.max_epochs,
+        max_steps=config.max_steps,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+    )
+    ckpt_path = str(resume_from) if resume_from else None
+    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
 
 
 def _check_split(split: dict[str, list[str]]) -> None:

@@ -1,0 +1,109 @@
+"""What makes a killed classifier run resume to the weights of an uninterrupted one (RELIABILITY promise 2).
+
+A run keeps ``out_dir/run/``: ``run.json`` (the fingerprint of everything that decides the weights),
+``checkpoints/last.ckpt`` (a full Lightning checkpoint) and ``best.ckpt`` (the best validation epoch's weights),
+written atomically every ``LAST_EVERY_SECONDS`` and at the end by the heads' ``RunCheckpoint``, and
+``finished.json``. The folder logic is the heads' one (``mil.heads.train._prepare_log_dir``): the same
+fingerprint resumes or reuses, another discards the stale checkpoints.
+
+Resume is exact because nothing random depends on how many epochs this process has run: the training order
+(shuffled or class-balanced) is drawn from a generator seeded by (seed, epoch) when the epoch's first batch is
+fetched, each index travels with its epoch to the dataset (augmentation is seeded per (seed, epoch, item), in
+any worker process), and dropout's global stream is reseeded from (seed, epoch) at the epoch's first batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mil.heads.checkpoints import RunCheckpoint
+
+RUN_DIR = "run"
+# A killed run loses at most this much training (plus the epoch in progress); tests set it to 0 (every epoch).
+LAST_EVERY_SECONDS = 60.0
+# Config fields that never change the weights: a rerun that only changes them still resumes.
+_NOT_FINGERPRINTED = ("verbose", "resume")
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """One seed per (run seed, epoch, stream): stream 0 orders the data, stream 1 drives dropout."""
+    return seed * 1_000_003 + epoch * 7919 + stream * 104_729
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """All indices in a random order (or ``len(weights)`` draws with replacement, proportional to ``weights``)
+    from a generator seeded by (seed, epoch) alone; yields ``(index, epoch)`` so the dataset seeds its
+    augmentation with the same epoch, in whichever process it runs."""
+
+    def __init__(self, n: int, *, seed: int, epoch_source: Callable[[], int], weights: np.ndarray | None = None):
+        self.n = int(n)
+        self.seed = seed
+        self.epoch_source = epoch_source
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        # A generator: the epoch is read at the first fetch, after the trainer has moved to the new epoch
+        # (a resumed run skips some epoch-start hooks, so no hook pushes it).
+        epoch = int(self.epoch_source())
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, 0))
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+        for index in order.tolist():
+            yield index, epoch
+
+
+class ClassifierCheckpoint(RunCheckpoint):
+    """``RunCheckpoint`` that also writes at the end of a run cut short by ``max_steps`` mid-epoch (its own test
+    for the last epoch sees only ``max_epochs`` and early stopping), so a finished run's files are its end."""
+
+    _written_step = -1
+
+    def _flush(self, trainer) -> None:
+        super()._flush(trainer)
+        self._written_step = int(trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._written_step != int(trainer.global_step):
+            self._flush(trainer)
+
+
+def run_fingerprint(config, class_names: list[str], split: dict, net: torch.nn.Module, parts: dict) -> str:
+    """sha256 of what decides the trained weights: config, classes, split, the initial weights and, per part
+    that trains or selects the epoch (``parts``: name -> (cell ids, crops, targets)), cells, pixels and labels."""
+    settings = {k: v for k, v in asdict(config).items() if k not in _NOT_FINGERPRINTED}
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"config": settings, "classes": class_names, "split": split}, sort_keys=True).encode())
+    for key, tensor in net.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    for name in sorted(parts):
+        cell_ids, crops, targets = parts[name]
+        digest.update(json.dumps([name, list(cell_ids)]).encode())
+        digest.update(np.ascontiguousarray(crops).tobytes())
+        digest.update(np.ascontiguousarray(targets, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def load_run(run_dir: Path, checkpoint_dir: str, has_val: bool) -> tuple[dict, dict, int]:
+    """(weights to keep, history, best epoch) of a finished run: the best validation epoch, or the last epoch
+    without validation (best epoch -1), as an uninterrupted run keeps them."""
+    ckpt_dir = Path(run_dir) / checkpoint_dir
+    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    history = {k: list(v) for k, v in last.get("history", {}).items()}
+    best_path = ckpt_dir / "best.ckpt"
+    if has_val and best_path.exists():
+        best = torch.load(best_path, map_location="cpu", weights_only=True)
+        return best["state_dict"], history, int(best["epoch"])
+    return last["state_dict"], history, -1
