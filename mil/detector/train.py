@@ -1,9 +1,18 @@
-"""Train the Faster R-CNN cell detector on the boxes of a cell table (any reader's, or the synthetic cohort's)."""
+"""Train the Faster R-CNN cell detector on the boxes of a cell table (any reader's, or the synthetic cohort's).
+
+A run keeps ``out_dir/run/`` like the classifier and the heads: ``run.json`` (fingerprint of configs, images,
+boxes and initial weights), ``checkpoints/last.ckpt`` (model, optimizer, schedule, epoch, history; written
+atomically every ``LAST_EVERY_SECONDS`` and at the end) and ``finished.json``. Killed, the same call resumes at
+the epoch after ``last.ckpt`` and ends with the weights of an uninterrupted run: the image order and the global
+RNG (the RPN's anchor sampling) are seeded per (seed, epoch), never carried over from earlier epochs.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,9 +21,16 @@ import torch
 
 from mil.atomic import atomic_write_text
 from mil.cell_table import CellTable
+from mil.classifier.resume import epoch_seed
 from mil.detector.data import DetectionDataset, collate, samples_from_cells
 from mil.detector.model import DetectorConfig, build_detector, save_detector
 from mil.errors import ConfigError, InputError
+from mil.heads.checkpoints import write_checkpoint
+from mil.heads.train import CHECKPOINT_DIR, FINISHED_FILE, _prepare_log_dir
+
+RUN_DIR = "run"
+# A killed run loses at most this much training (plus the epoch in progress); tests set it to 0 (every epoch).
+LAST_EVERY_SECONDS = 60.0
 
 
 @dataclass
@@ -29,10 +45,14 @@ class DetectorTrainConfig:
     seed: int = 0
     device: str = "cpu"
     verbose: bool = False  # one line per epoch on stdout
+    resume: bool = True  # reuse a finished run / continue from out_dir/run/checkpoints/last.ckpt of the same run
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -63,16 +83,10 @@ def train_detector(
     model = build_detector(config).to(tc.device)
     model.train()
     dataset = DetectionDataset(samples=samples, pixel_scale=config.pixel_scale, augment=tc.augment, seed=tc.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=tc.batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(tc.seed),
-    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    total = tc.epochs * len(loader) if tc.max_steps < 0 else min(tc.max_steps, tc.epochs * len(loader))
+    batches = math.ceil(len(dataset) / tc.batch_size)
+    total = tc.epochs * batches if tc.max_steps < 0 else min(tc.max_steps, tc.epochs * batches)
 
     def lr_factor(step: int) -> float:
         if step < tc.warmup_steps:
@@ -81,9 +95,25 @@ def train_detector(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     history: dict[str, list[float]] = {"step_loss": [], "epoch_loss": []}
-    step = 0
-    for epoch in range(tc.epochs):
+    step, start = 0, 0
+    run_dir = out_dir / RUN_DIR
+    last = run_dir / CHECKPOINT_DIR / "last.ckpt"
+    state = _prepare_log_dir(run_dir, _fingerprint(config, tc, samples, model), tc)
+    if state != "fresh":
+        saved = torch.load(last, map_location=tc.device, weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        step, start, history = saved["step"], saved["epoch"] + 1, saved["history"]
+    written = time.monotonic()
+    for epoch in range(start, tc.epochs if step < total else start):
         dataset.epoch = epoch
+        # Image order and the RPN's anchor sampling depend on (seed, epoch) only: a resumed epoch replays exactly.
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(epoch_seed(tc.seed, epoch, 0)))
+        torch.manual_seed(epoch_seed(tc.seed, epoch, 1))
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=tc.batch_size, sampler=order.tolist(), collate_fn=collate
+        )
         losses = []
         for images, targets in loader:
             images = [im.to(tc.device) for im in images]
@@ -108,10 +138,35 @@ def train_detector(
                 f"detector epoch {epoch + 1}/{tc.epochs}: loss {history['epoch_loss'][-1]:.4f} ({step} steps)",
                 flush=True,
             )
-        if step >= total:
+        final = step >= total or epoch + 1 == tc.epochs
+        if final or time.monotonic() - written >= LAST_EVERY_SECONDS:
+            progress = {"epoch": epoch, "step": step, "history": history}
+            states = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            write_checkpoint(last, {**progress, **states, "scheduler": scheduler.state_dict()})
+            written = time.monotonic()
+        if final:
             break
+    atomic_write_text(run_dir / FINISHED_FILE, json.dumps({"steps": step}) + "\n")
     model.eval()
     checkpoint = save_detector(out_dir / "detector.pt", model=model, config=config, extra={"steps": step})
     summary = {"config": asdict(config), "train_config": asdict(tc), "images": len(samples), "history": history}
     atomic_write_text(out_dir / "history.json", json.dumps(summary, indent=2) + "\n")
     return DetectorResult(checkpoint=checkpoint, config=config, history=history)
+
+
+def _fingerprint(config: DetectorConfig, tc: DetectorTrainConfig, samples: list, model: torch.nn.Module) -> str:
+    """sha256 of what decides the trained weights: both configs, every image's bytes and boxes, initial weights."""
+    settings = {k: v for k, v in asdict(tc).items() if k not in ("verbose", "resume")}
+    digest = hashlib.sha256(json.dumps({"config": asdict(config), "train": settings}, sort_keys=True).encode())
+    for sample in samples:
+        digest.update(json.dumps([sample.image_path, sample.patient_id]).encode())
+        try:
+            digest.update(Path(sample.image_path).read_bytes())
+        except OSError as e:
+            raise InputError(f"image {sample.image_path} cannot be read ({e}); fix or remove its rows") from e
+        digest.update(np.ascontiguousarray(sample.boxes, dtype=np.float32).tobytes())
+        digest.update(np.ascontiguousarray(sample.labels, dtype=np.int64).tobytes())
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
