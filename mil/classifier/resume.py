@@ -3,7 +3,7 @@
 A run keeps ``out_dir/run/``: ``run.json`` (the fingerprint of everything that decides the weights),
 ``checkpoints/last.ckpt`` (a full Lightning checkpoint) and ``best.ckpt`` (the best validation epoch's weights),
 written atomically every ``LAST_EVERY_SECONDS`` and at the end by the heads' ``RunCheckpoint``, and
-``finished.json``. The folder logic is the heads' one (``mil.heads.train._prepare_log_dir``): the same
+``finished.json``. The folder logic is the heads' one (``mil.heads.checkpoints.prepare_run_dir``): the same
 fingerprint resumes or reuses, another discards the stale checkpoints.
 
 Resume is exact because nothing random depends on how many epochs this process has run: the training order

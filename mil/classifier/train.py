@@ -38,8 +38,8 @@ from mil.classifier.model import CellClassifierModule, normalization
 from mil.classifier.predict import load_classifier, predict_crops, predict_rows, save_checkpoint
 from mil.classifier.resume import RUN_DIR, ClassifierCheckpoint, EpochSampler, load_run, run_fingerprint
 from mil.errors import ConfigError, InputError, refuse_unknown_keys
+from mil.heads.checkpoints import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir
 from mil.heads.module import AtomicCheckpointIO
-from mil.heads.train import CHECKPOINT_DIR, FINISHED_FILE, _prepare_log_dir
 
 IMBALANCE = ("weighted_loss", "sampler", "none")
 
@@ -205,7 +205,7 @@ def train_classifier(
     run_dir = out_dir / RUN_DIR
     trained_on = {name: ([r["cell_id"] for r in parts[name]], crops[name], targets[name]) for name in ("train", "val")}
     fingerprint = run_fingerprint(config, class_names, split, module.net, trained_on)
-    state = _prepare_log_dir(run_dir, fingerprint, config)
+    state = prepare_run_dir(run_dir, fingerprint, config)
     if state != "finished":
         resume_from = run_dir / CHECKPOINT_DIR / "last.ckpt" if state == "resume" else None
         _fit(module, config, crops=crops, targets=targets, mean=mean, std=std, run_dir=run_dir, resume_from=resume_from)

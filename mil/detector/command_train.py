@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=t.seed)
     parser.add_argument("--device", default=t.device)
     parser.add_argument(
+        "--no-resume", action="store_true", help="train from scratch even when --out holds the same run (out/run/)"
+    )
+    parser.add_argument(
         "--holdout-fraction",
         type=float,
         default=0.0,
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         verbose=True,
+        resume=not args.no_resume,
     )
     patients, held_out = cells.patients(), []
     if args.holdout_fraction > 0:

@@ -25,8 +25,7 @@ from mil.classifier.resume import epoch_seed
 from mil.detector.data import DetectionDataset, collate, samples_from_cells
 from mil.detector.model import DetectorConfig, build_detector, save_detector
 from mil.errors import ConfigError, InputError
-from mil.heads.checkpoints import write_checkpoint
-from mil.heads.train import CHECKPOINT_DIR, FINISHED_FILE, _prepare_log_dir
+from mil.heads.checkpoints import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir, write_checkpoint
 
 RUN_DIR = "run"
 # A killed run loses at most this much training (plus the epoch in progress); tests set it to 0 (every epoch).
@@ -98,7 +97,7 @@ def train_detector(
     step, start = 0, 0
     run_dir = out_dir / RUN_DIR
     last = run_dir / CHECKPOINT_DIR / "last.ckpt"
-    state = _prepare_log_dir(run_dir, _fingerprint(config, tc, samples, model), tc)
+    state = prepare_run_dir(run_dir, _fingerprint(config, tc, samples, model), tc)
     if state != "fresh":
         saved = torch.load(last, map_location=tc.device, weights_only=True)
         model.load_state_dict(saved["model"])

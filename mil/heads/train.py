@@ -29,14 +29,12 @@ import torch
 
 from mil.atomic import atomic_write_text
 from mil.errors import ConfigError, refuse_unknown_keys
+from mil.heads.checkpoints import CHECKPOINT_DIR, FINISHED_FILE, RunCheckpoint, prepare_run_dir
 from mil.heads.common import MilHead
 from mil.heads.data import BagRecord, check_records, covariate_width
 from mil.heads.module import AtomicCheckpointIO, HeadModule, evaluate_bags
 from mil.heads.registry import create_head
 
-CHECKPOINT_DIR = "checkpoints"
-RUN_FILE = "run.json"
-FINISHED_FILE = "finished.json"
 # A killed run loses at most this much training (plus the epoch in progress); every write is atomic with fsync
 # and a re-read. Short runs therefore write their checkpoints once, at the end.
 LAST_EVERY_SECONDS = 60.0
@@ -201,25 +199,9 @@ def _quiet(enabled: bool):
             logger.setLevel(level)
 
 
-def _prepare_log_dir(log_dir: Path, fingerprint: str, config: TrainConfig) -> str:
-    """'finished', 'resume' or 'fresh'; stale checkpoints of a different run are removed."""
-    run_file, ckpt_dir = log_dir / RUN_FILE, log_dir / CHECKPOINT_DIR
-    previous = json.loads(run_file.read_text()) if run_file.exists() else None
-    same = config.resume and previous is not None and previous.get("fingerprint") == fingerprint
-    if same and (log_dir / FINISHED_FILE).exists() and (ckpt_dir / "last.ckpt").exists():
-        return "finished"
-    if not same:
-        for stale in [log_dir / FINISHED_FILE, *ckpt_dir.glob("*.ckpt"), *(log_dir / "csv").glob("*")]:
-            stale.unlink(missing_ok=True)
-    atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint, "config": config.to_dict()}, indent=2))
-    return "resume" if same and (ckpt_dir / "last.ckpt").exists() else "fresh"
-
-
 def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: Path | None, has_val: bool) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
-
-    from mil.heads.checkpoints import RunCheckpoint
 
     mode = "min" if config.monitor == "val_loss" else "max"
     callbacks = []
@@ -295,7 +277,7 @@ def fit_predict(
         if monitor == "val_auroc" and len({int(r.target) for r in val}) < 2:
             monitor = "val_loss"  # AUROC needs two classes in validation; loss always exists
         run_config = TrainConfig.from_dict({**config.to_dict(), "monitor": monitor})
-        state = _prepare_log_dir(log_dir, _fingerprint(head, train, val, run_config), run_config)
+        state = prepare_run_dir(log_dir, _fingerprint(head, train, val, run_config), run_config)
         weights = _class_weights(train, num_classes, run_config.class_weighted)
         module = HeadModule(head, train=train, val=val, config=run_config, class_weights=weights)
         ckpt_dir = log_dir / CHECKPOINT_DIR
