@@ -40,6 +40,7 @@ from mil.classifier.resume import RUN_DIR, ClassifierCheckpoint, EpochSampler, l
 from mil.errors import ConfigError, InputError, refuse_unknown_keys
 from mil.heads.checkpoints import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir
 from mil.heads.module import AtomicCheckpointIO
+from mil.quiet import quiet_lightning
 
 IMBALANCE = ("weighted_loss", "sampler", "none")
 
@@ -279,7 +280,8 @@ def _fit(module, config, *, crops, targets, mean, std, run_dir: Path, resume_fro
         plugins=[AtomicCheckpointIO()],
     )
     ckpt_path = str(resume_from) if resume_from else None
-    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
+    with quiet_lightning():  # the per-epoch lines of _EpochPrinter are what a user watches
+        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
 
 
 def _check_split(split: dict[str, list[str]]) -> None:

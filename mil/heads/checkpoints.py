@@ -115,7 +115,7 @@ class RunCheckpoint(Checkpoint):
             write_checkpoint(self.dirpath / "best.ckpt", self._pending_best)
         self._pending_best = None
         trainer.strategy.barrier("RunCheckpoint.best")
-        trainer.save_checkpoint(self.dirpath / "last.ckpt")  # writes on rank 0 through AtomicCheckpointIO
+        trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)  # rank 0, via AtomicCheckpointIO
         self._last_write = time.monotonic()
 
 

@@ -15,12 +15,9 @@ tells a caller launched with ``strategy="ddp"`` (torchrun) which process should 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
-import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -34,6 +31,7 @@ from mil.heads.common import MilHead
 from mil.heads.data import BagRecord, check_records, covariate_width
 from mil.heads.module import AtomicCheckpointIO, HeadModule, evaluate_bags
 from mil.heads.registry import create_head
+from mil.quiet import quiet_lightning
 
 # A killed run loses at most this much training (plus the epoch in progress); every write is atomic with fsync
 # and a re-read. Short runs therefore write their checkpoints once, at the end.
@@ -182,23 +180,6 @@ def _loggers(config: TrainConfig, log_dir: Path) -> list:
     return loggers
 
 
-@contextlib.contextmanager
-def _quiet(enabled: bool):
-    """Lightning's banner lines and the num_workers hint are noise for in-memory bags."""
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    if enabled:
-        logger.setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
-        try:
-            yield
-        finally:
-            logger.setLevel(level)
-
-
 def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: Path | None, has_val: bool) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
@@ -264,7 +245,7 @@ def fit_predict(
         if records and covariate_width(records, role=role) != covariates:
             raise ConfigError(f"the {role} records do not carry the {covariates} covariates of the training records")
     train, (val, test) = _standardize_covariates(train, [val, test], covariates)
-    with _quiet(not config.enable_progress_bar):
+    with quiet_lightning(not config.enable_progress_bar):
         L.seed_everything(config.seed, workers=True, verbose=False)
         if isinstance(head, str):
             kwargs = {"hidden_dim": config.hidden_dim, "dropout": config.dropout, **config.head_kwargs}
