@@ -266,21 +266,21 @@ def _fit(module, config, *, crops, targets, mean, std, run_dir: Path, resume_fro
     callbacks = [checkpoint] + ([_EpochPrinter()] if config.verbose else [])
     if has_val and config.patience > 0:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience))
-    trainer = L.Trainer(
-        max_epochs=config.max_epochs,
-        max_steps=config.max_steps,
-        accelerator=config.accelerator,
-        devices=config.devices,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()],
-    )
     ckpt_path = str(resume_from) if resume_from else None
     with quiet_lightning():  # the per-epoch lines of _EpochPrinter are what a user watches
+        trainer = L.Trainer(
+            max_epochs=config.max_epochs,
+            max_steps=config.max_steps,
+            accelerator=config.accelerator,
+            devices=config.devices,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+            default_root_dir=str(run_dir),
+            plugins=[AtomicCheckpointIO()],
+        )
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
 
 
