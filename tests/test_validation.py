@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_readers import png, voc_dataset, write_voc, write_zenodo, zenodo_cell, zenodo_dataset
+from reader_files import png, voc_dataset, write_voc, write_zenodo, zenodo_cell, zenodo_dataset
 
 from mil.cli import main
 from mil.errors import ConfigError, InputError
