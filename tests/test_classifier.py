@@ -208,3 +208,21 @@ def test_train_classifier_cli_writes_checkpoint_and_metrics(tmp_path, capfd):
     assert "macro-F1" in printed.out and "epoch 1/1" in printed.out
     for banner in ("GPU available", "Tip:", "LeafSpec", "weights_only"):  # Lightning's noise stays out (mil.quiet)
         assert banner not in printed.out + printed.err, banner
+
+
+def test_metrics_and_split_stay_quiet_about_rare_classes():
+    import warnings
+
+    from mil.classifier.data import patient_split
+    from mil.classifier.metrics import classification_metrics
+
+    probs = np.eye(3)[[0, 1, 2, 2]]  # class 2 predicted, absent from the truth: an error, not a warning
+    rows = [
+        {"patient_id": f"P{p}", "label": "rare" if p == 0 and i == 0 else "common"} for p in range(12) for i in range(5)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = classification_metrics(np.array([0, 1, 0, 1]), probs, ["a", "b", "c"])
+        split = patient_split(rows, val_fraction=0.15, test_fraction=0.2, seed=0)
+    assert metrics["balanced_accuracy"] == 0.5
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted({r["patient_id"] for r in rows})

@@ -6,6 +6,7 @@ fits, and every epoch then costs no image decoding (the slow part on a 2-core ma
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,9 @@ def _group_part(rows: list[dict], patients: list[str], fraction: float, seed: in
     n_splits = max(2, round(len(patients) / n_part))
     try:
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        _, part_idx = next(splitter.split(np.zeros(len(rows)), labels, groups))
+        with warnings.catch_warnings():  # best effort: a rare cell class cannot reach every part, as sklearn warns
+            warnings.filterwarnings("ignore", message="The least populated class in y has only")
+            _, part_idx = next(splitter.split(np.zeros(len(rows)), labels, groups))
     except ValueError:
         splitter = GroupShuffleSplit(n_splits=1, test_size=n_part, random_state=seed)
         _, part_idx = next(splitter.split(np.zeros(len(rows)), labels, groups))
