@@ -66,3 +66,14 @@ def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
 def leftover_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Temporary files that a killed writer left behind (safe to delete: nothing counts them as done)."""
     return sorted(Path(folder).glob(f".*{TMP_SUFFIX}"))
+
+
+def atomic_torch_save(obj, final: str | os.PathLike, validate: Callable[[Path], None] | None = None) -> None:
+    """``torch.save`` through ``atomic_path``. It writes to an open file, not to the temporary path: given a path,
+    torch names the archive's inner folder after the file, so the random temp name made every save of the same
+    object different bytes, and a checkpoint's sha256 (which bags record for their encoder) changed on every
+    rewrite, marking unchanged bags stale."""
+    import torch
+
+    with atomic_path(final, validate) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mil.atomic import atomic_path, atomic_write_text, leftover_temp_files
+from mil.atomic import atomic_path, atomic_torch_save, atomic_write_text, leftover_temp_files
 from mil.cell_table import (
     CellTable,
     PatientTable,
@@ -144,6 +144,21 @@ def test_atomic_write_leaves_old_file_when_validation_fails(tmp_path):
         tmp.write_text("new")
     assert target.read_text() == "old"
     assert leftover_temp_files(tmp_path) == []
+
+
+def test_the_same_checkpoint_saved_twice_is_the_same_bytes(tmp_path):
+    # Bags record their encoder checkpoint's sha256: a rewrite of unchanged weights must not make them stale.
+    import hashlib
+
+    import torch
+
+    obj = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "extra": {"classes": ["a", "b"]}}
+    digests = set()
+    for name in ("a.pt", "b.pt", "a.pt"):
+        atomic_torch_save(obj, tmp_path / name, validate=lambda p: torch.load(p, weights_only=True))
+        digests.add(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    assert len(digests) == 1 and leftover_temp_files(tmp_path) == []
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["state_dict"]["w"], obj["state_dict"]["w"])
 
 
 def test_cli_lists_every_command(capsys):

@@ -20,7 +20,7 @@ import torch
 
 from features.encoders.weights import sha256_file
 from features.registry import Encoder, EncoderConfig, register_encoder
-from mil.atomic import atomic_path
+from mil.atomic import atomic_torch_save
 from mil.errors import ConfigError, InputError
 
 FORMAT = "cytomil-classifier/1"
@@ -103,8 +103,7 @@ def save_classifier_checkpoint(
         "state_dict": {k: v.detach().cpu().clone() for k, v in state.items()},
     }
     _check_checkpoint(ckpt, path)
-    with atomic_path(path, validate=load_classifier_checkpoint) as tmp:
-        torch.save(ckpt, tmp)
+    atomic_torch_save(ckpt, path, validate=load_classifier_checkpoint)
     return sha256_file(path)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mil.atomic import atomic_path
+from mil.atomic import atomic_torch_save
 from mil.errors import ConfigError, InputError, refuse_unknown_keys
 
 CHECKPOINT_FORMAT = "cytomil-detector/1"
@@ -215,8 +215,7 @@ def save_detector(path: str | Path, *, model: nn.Module, config: DetectorConfig,
         if back.get("format") != CHECKPOINT_FORMAT or len(back["state_dict"]) != len(state):
             raise OSError(f"detector checkpoint {path} did not read back")
 
-    with atomic_path(path, validate) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(payload, path, validate)
     return Path(path)
 
 

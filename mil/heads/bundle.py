@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mil.atomic import atomic_path
+from mil.atomic import atomic_torch_save
 from mil.errors import ConfigError
 from mil.heads.common import MilHead
 from mil.heads.registry import create_head
@@ -48,8 +48,7 @@ def save_head_bundle(
     def readable(tmp: Path) -> None:
         load_head_bundle(tmp)
 
-    with atomic_path(path, readable) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(payload, path, readable)
     return Path(path)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from mil.atomic import atomic_path, atomic_write_text
+from mil.atomic import atomic_torch_save, atomic_write_text
 
 # A training run folder: run.json (fingerprint + config), checkpoints/{last,best}.ckpt, finished.json.
 CHECKPOINT_DIR = "checkpoints"
@@ -126,5 +126,4 @@ def write_checkpoint(path: str | Path, checkpoint: dict) -> None:
     def readable(tmp) -> None:
         torch.load(tmp, map_location="cpu", weights_only=True)
 
-    with atomic_path(path, readable) as tmp:
-        torch.save(checkpoint, tmp)
+    atomic_torch_save(checkpoint, path, readable)
