@@ -163,3 +163,37 @@ def test_loader_workers_do_not_change_what_is_learned(tmp_path):
         cells, out_dir=tmp_path / "w2", config=tiny_config(max_epochs=2, num_workers=2), split=SPLIT
     )
     _assert_same_weights(_weights(alone.checkpoint), _weights(workers.checkpoint))
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    from pathlib import Path
+    from test_classifier import write_cohort
+    from mil.classifier.train import ClassifierConfig, train_classifier
+    if __name__ == "__main__":  # Lightning's "ddp" launcher runs this file once per rank
+        root = Path(sys.argv[1])
+        cells = write_cohort(root, n_patients=6, cells_per_class=3)
+        config = ClassifierConfig(arch="test_resnet", crop_size=32, max_epochs=2, batch_size=4, devices=2,
+                                  test_fraction=0.2)
+        result = train_classifier(cells, out_dir=root / "out", config=config)
+        print("RESULT", result.history["best_epoch"], [round(v, 6) for v in result.history["val_loss"]], flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_agree_on_the_best_epoch(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    # A smoke test of the per-epoch sampler under DDP (untested before): both ranks finish and keep the same epoch.
+    assert len(results) == 2 and results[0] == results[1], results
+    assert (tmp_path / "out" / "classifier.pt").exists()

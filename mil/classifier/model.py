@@ -107,7 +107,9 @@ class CellClassifierModule(L.LightningModule):
         loss = F.cross_entropy(logits, y, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing)
         self._sums[stage][0] += float(loss.detach()) * len(y)
         self._sums[stage][1] += len(y)
-        self.log(f"{stage}_loss", loss, on_epoch=True, on_step=False, prog_bar=False, batch_size=len(y))
+        # sync_dist: with several devices each rank sees a shard; the monitored mean (best epoch, early stopping)
+        # must be the same on every rank.
+        self.log(f"{stage}_loss", loss, on_epoch=True, on_step=False, batch_size=len(y), sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx):
