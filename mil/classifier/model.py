@@ -6,8 +6,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from mil.classifier.resume import epoch_seed
 from mil.errors import ConfigError
+from mil.runs import epoch_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -3,7 +3,7 @@
 A run keeps ``out_dir/run/``: ``run.json`` (the fingerprint of everything that decides the weights),
 ``checkpoints/last.ckpt`` (a full Lightning checkpoint) and ``best.ckpt`` (the best validation epoch's weights),
 written atomically every ``LAST_EVERY_SECONDS`` and at the end by the heads' ``RunCheckpoint``, and
-``finished.json``. The folder logic is the heads' one (``mil.heads.checkpoints.prepare_run_dir``): the same
+``finished.json``. The folder logic is shared with the heads and the detector (``mil.runs.prepare_run_dir``): the same
 fingerprint resumes or reuses, another discards the stale checkpoints.
 
 Resume is exact because nothing random depends on how many epochs this process has run: the training order
@@ -24,17 +24,13 @@ import numpy as np
 import torch
 
 from mil.heads.checkpoints import RunCheckpoint
+from mil.runs import epoch_seed
 
 RUN_DIR = "run"
 # A killed run loses at most this much training (plus the epoch in progress); tests set it to 0 (every epoch).
 LAST_EVERY_SECONDS = 60.0
 # Config fields that never change the weights: a rerun that only changes them still resumes.
 _NOT_FINGERPRINTED = ("verbose", "resume")
-
-
-def epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    """One seed per (run seed, epoch, stream): stream 0 orders the data, stream 1 drives dropout."""
-    return seed * 1_000_003 + epoch * 7919 + stream * 104_729
 
 
 class EpochSampler(torch.utils.data.Sampler):

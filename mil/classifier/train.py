@@ -38,9 +38,9 @@ from mil.classifier.model import CellClassifierModule, normalization
 from mil.classifier.predict import load_classifier, predict_crops, predict_rows, save_checkpoint
 from mil.classifier.resume import RUN_DIR, ClassifierCheckpoint, EpochSampler, load_run, run_fingerprint
 from mil.errors import ConfigError, InputError, refuse_unknown_keys
-from mil.heads.checkpoints import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir
 from mil.heads.module import AtomicCheckpointIO
 from mil.quiet import quiet_lightning
+from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir
 
 IMBALANCE = ("weighted_loss", "sampler", "none")
 

@@ -21,11 +21,10 @@ import torch
 
 from mil.atomic import atomic_write_text
 from mil.cell_table import CellTable
-from mil.classifier.resume import epoch_seed
 from mil.detector.data import DetectionDataset, collate, samples_from_cells
 from mil.detector.model import DetectorConfig, build_detector, save_detector
 from mil.errors import ConfigError, InputError
-from mil.heads.checkpoints import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir, write_checkpoint
+from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, epoch_seed, prepare_run_dir, write_checkpoint
 
 RUN_DIR = "run"
 # A killed run loses at most this much training (plus the epoch in progress); tests set it to 0 (every epoch).

@@ -13,37 +13,13 @@ depend only on seed and epoch), so it ends with the same weights as an uninterru
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
-import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from mil.atomic import atomic_torch_save, atomic_write_text
-
-# A training run folder: run.json (fingerprint + config), checkpoints/{last,best}.ckpt, finished.json.
-CHECKPOINT_DIR = "checkpoints"
-RUN_FILE = "run.json"
-FINISHED_FILE = "finished.json"
-
-
-def prepare_run_dir(run_dir: Path, fingerprint: str, config) -> str:
-    """The state of a training run folder for this run: 'finished' (reuse it), 'resume' (continue from
-    last.ckpt) or 'fresh'. ``fingerprint`` hashes everything that decides the weights; a folder holding another
-    fingerprint (or ``config.resume`` False) has its stale checkpoints removed. ``config`` needs ``resume`` and
-    ``to_dict()``; run.json records both. Shared by the heads, the cell classifier and the detector."""
-    run_file, ckpt_dir = run_dir / RUN_FILE, run_dir / CHECKPOINT_DIR
-    previous = json.loads(run_file.read_text()) if run_file.exists() else None
-    same = config.resume and previous is not None and previous.get("fingerprint") == fingerprint
-    if same and (run_dir / FINISHED_FILE).exists() and (ckpt_dir / "last.ckpt").exists():
-        return "finished"
-    if not same:
-        for stale in [run_dir / FINISHED_FILE, *ckpt_dir.glob("*.ckpt"), *(run_dir / "csv").glob("*")]:
-            stale.unlink(missing_ok=True)
-    atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint, "config": config.to_dict()}, indent=2))
-    return "resume" if same and (ckpt_dir / "last.ckpt").exists() else "fresh"
+from mil.runs import write_checkpoint
 
 
 class RunCheckpoint(Checkpoint):
@@ -117,13 +93,3 @@ class RunCheckpoint(Checkpoint):
         trainer.strategy.barrier("RunCheckpoint.best")
         trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)  # rank 0, via AtomicCheckpointIO
         self._last_write = time.monotonic()
-
-
-def write_checkpoint(path: str | Path, checkpoint: dict) -> None:
-    """Atomic write of a checkpoint dict, re-read with weights_only=True before the rename (RELIABILITY 1, 6)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-
-    def readable(tmp) -> None:
-        torch.load(tmp, map_location="cpu", weights_only=True)
-
-    atomic_torch_save(checkpoint, path, readable)

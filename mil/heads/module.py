@@ -8,9 +8,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
-from mil.heads.checkpoints import write_checkpoint
 from mil.heads.common import MilHead
 from mil.heads.data import BagDataset, BagRecord, LengthBucketSampler, length_batches, packed_collate, pad_collate
+from mil.runs import write_checkpoint
 
 # Padded cells per validation forward pass: one pass for a typical validation split, bounded memory for big ones.
 VAL_CELLS_PER_BATCH = 32768

@@ -26,12 +26,13 @@ import torch
 
 from mil.atomic import atomic_write_text
 from mil.errors import ConfigError, refuse_unknown_keys
-from mil.heads.checkpoints import CHECKPOINT_DIR, FINISHED_FILE, RunCheckpoint, prepare_run_dir
+from mil.heads.checkpoints import RunCheckpoint
 from mil.heads.common import MilHead
 from mil.heads.data import BagRecord, check_records, covariate_width
 from mil.heads.module import AtomicCheckpointIO, HeadModule, evaluate_bags
 from mil.heads.registry import create_head
 from mil.quiet import quiet_lightning
+from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir
 
 # A killed run loses at most this much training (plus the epoch in progress); every write is atomic with fsync
 # and a re-read. Short runs therefore write their checkpoints once, at the end.

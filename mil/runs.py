@@ -1,0 +1,54 @@
+"""Training run folders, shared by every trainer (attention heads, cell classifier, detector).
+
+A run folder holds ``run.json`` (a fingerprint of everything that decides the weights, and the config),
+``checkpoints/last.ckpt`` and ``best.ckpt`` (written atomically by ``write_checkpoint``) and ``finished.json``.
+``prepare_run_dir`` tells a trainer whether to reuse a finished run, resume from ``last.ckpt`` or start afresh;
+``epoch_seed`` gives the per-(seed, epoch) random streams that make a resumed epoch replay exactly
+(RELIABILITY promise 2). Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mil.atomic import atomic_torch_save, atomic_write_text
+
+CHECKPOINT_DIR = "checkpoints"
+RUN_FILE = "run.json"
+FINISHED_FILE = "finished.json"
+
+
+def prepare_run_dir(run_dir: Path, fingerprint: str, config) -> str:
+    """The state of a training run folder for this run: 'finished' (reuse it), 'resume' (continue from
+    last.ckpt) or 'fresh'. ``fingerprint`` hashes everything that decides the weights; a folder holding another
+    fingerprint (or ``config.resume`` False) has its stale checkpoints removed. ``config`` needs ``resume`` and
+    ``to_dict()``; run.json records both."""
+    run_file, ckpt_dir = run_dir / RUN_FILE, run_dir / CHECKPOINT_DIR
+    previous = json.loads(run_file.read_text()) if run_file.exists() else None
+    same = config.resume and previous is not None and previous.get("fingerprint") == fingerprint
+    if same and (run_dir / FINISHED_FILE).exists() and (ckpt_dir / "last.ckpt").exists():
+        return "finished"
+    if not same:
+        for stale in [run_dir / FINISHED_FILE, *ckpt_dir.glob("*.ckpt"), *(run_dir / "csv").glob("*")]:
+            stale.unlink(missing_ok=True)
+    atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint, "config": config.to_dict()}, indent=2))
+    return "resume" if same and (ckpt_dir / "last.ckpt").exists() else "fresh"
+
+
+def write_checkpoint(path: str | Path, checkpoint: dict) -> None:
+    """Atomic write of a checkpoint dict, re-read with weights_only=True before the rename (RELIABILITY 1, 6)."""
+    import torch
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def readable(tmp) -> None:
+        torch.load(tmp, map_location="cpu", weights_only=True)
+
+    atomic_torch_save(checkpoint, path, readable)
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """One seed per (run seed, epoch, stream): stream 0 orders the data, stream 1 drives dropout (and any other
+    draw from torch's global generator). Nothing random then depends on how many epochs this process has run."""
+    return seed * 1_000_003 + epoch * 7919 + stream * 104_729
