@@ -230,7 +230,7 @@ def auroc(scores: np.ndarray, ids: list[str], labels: dict) -> float:
 def paired_auroc_difference(ours: list, theirs: list, positive: np.ndarray, *, seed: int, draws: int = 2000):
     """Mean over repeats of AUROC(ours) - AUROC(theirs) on the holdout patients, with a 95% paired bootstrap
     interval: each draw resamples patients once and scores every repeat of both loops on that resample."""
-    from mil.heads.module import binary_auroc
+    from mil.protocol.metrics import binary_auroc
 
     def mean_difference(index):
         return np.mean(

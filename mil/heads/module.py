@@ -10,30 +10,11 @@ from torch.utils.data import DataLoader
 
 from mil.heads.common import MilHead
 from mil.heads.data import BagDataset, BagRecord, LengthBucketSampler, length_batches, packed_collate, pad_collate
+from mil.protocol.metrics import binary_auroc
 from mil.runs import write_checkpoint
 
 # Padded cells per validation forward pass: one pass for a typical validation split, bounded memory for big ones.
 VAL_CELLS_PER_BATCH = 32768
-
-
-def binary_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC of ``scores`` for the boolean labels ``positive`` (ties count one half), as sklearn's
-    roc_auc_score computes it: the Mann-Whitney U statistic from average ranks. numpy only, because the
-    validation of every epoch calls it and sklearn's argument checks cost more than the computation."""
-    scores = np.asarray(scores, dtype=np.float64)
-    positive = np.asarray(positive, dtype=bool)
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUROC needs both positives and negatives")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    # Average rank (1-based) of each run of equal scores.
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    ranks = np.empty(len(scores), dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def macro_auroc(probs: np.ndarray, targets: np.ndarray) -> float:
