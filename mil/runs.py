@@ -9,14 +9,33 @@ A run folder holds ``run.json`` (a fingerprint of everything that decides the we
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from mil.atomic import atomic_torch_save, atomic_write_text
 
 CHECKPOINT_DIR = "checkpoints"
+# Config fields that never change the weights: a rerun that only changes them still resumes.
+NOT_FINGERPRINTED = ("verbose", "resume", "enable_progress_bar", "wandb", "wandb_project")
 RUN_FILE = "run.json"
 FINISHED_FILE = "finished.json"
+
+
+def run_digest(settings: dict, initial) -> hashlib._Hash:
+    """A sha256 started with what every trainer's run fingerprint holds: ``settings`` (JSON, sorted keys) and the
+    initial weights of the module ``initial``. The trainer adds its training data and takes ``hexdigest()``."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for key, tensor in initial.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest
+
+
+def weight_settings(config) -> dict:
+    """A config dataclass as a dict, without the fields in NOT_FINGERPRINTED."""
+    return {k: v for k, v in asdict(config).items() if k not in NOT_FINGERPRINTED}
 
 
 def prepare_run_dir(run_dir: Path, fingerprint: str, config) -> str:

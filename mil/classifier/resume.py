@@ -14,23 +14,19 @@ any worker process), and dropout's global stream is reseeded from (seed, epoch) 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mil.heads.checkpoints import RunCheckpoint
-from mil.runs import epoch_seed
+from mil.runs import epoch_seed, run_digest, weight_settings
 
 RUN_DIR = "run"
 # A killed run loses at most this much training (plus the epoch in progress); tests set it to 0 (every epoch).
 LAST_EVERY_SECONDS = 60.0
-# Config fields that never change the weights: a rerun that only changes them still resumes.
-_NOT_FINGERPRINTED = ("verbose", "resume")
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -78,12 +74,8 @@ class ClassifierCheckpoint(RunCheckpoint):
 def run_fingerprint(config, class_names: list[str], split: dict, net: torch.nn.Module, parts: dict) -> str:
     """sha256 of what decides the trained weights: config, classes, split, the initial weights and, per part
     that trains or selects the epoch (``parts``: name -> (cell ids, crops, targets)), cells, pixels and labels."""
-    settings = {k: v for k, v in asdict(config).items() if k not in _NOT_FINGERPRINTED}
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"config": settings, "classes": class_names, "split": split}, sort_keys=True).encode())
-    for key, tensor in net.state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().numpy().tobytes())
+    settings = {"config": weight_settings(config), "classes": class_names, "split": split}
+    digest = run_digest(settings, net)
     for name in sorted(parts):
         cell_ids, crops, targets = parts[name]
         digest.update(json.dumps([name, list(cell_ids)]).encode())

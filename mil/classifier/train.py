@@ -212,7 +212,8 @@ def train_classifier(
         _fit(module, config, crops=crops, targets=targets, mean=mean, std=std, run_dir=run_dir, resume_from=resume_from)
     kept, module.history, best_epoch = load_run(run_dir, CHECKPOINT_DIR, has_val)
     module.load_state_dict(kept)
-    atomic_write_text(run_dir / FINISHED_FILE, json.dumps({"best_epoch": best_epoch}) + "\n")
+    if state != "finished":
+        atomic_write_text(run_dir / FINISHED_FILE, json.dumps({"best_epoch": best_epoch}) + "\n")
     module.net.eval()
 
     ckpt = save_checkpoint(

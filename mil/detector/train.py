@@ -9,7 +9,6 @@ RNG (the RPN's anchor sampling) are seeded per (seed, epoch), never carried over
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -24,7 +23,15 @@ from mil.cell_table import CellTable
 from mil.detector.data import DetectionDataset, collate, samples_from_cells
 from mil.detector.model import DetectorConfig, build_detector, save_detector
 from mil.errors import ConfigError, InputError
-from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, epoch_seed, prepare_run_dir, write_checkpoint
+from mil.runs import (
+    CHECKPOINT_DIR,
+    FINISHED_FILE,
+    epoch_seed,
+    prepare_run_dir,
+    run_digest,
+    weight_settings,
+    write_checkpoint,
+)
 
 RUN_DIR = "run"
 # A killed run loses at most this much training (plus the epoch in progress); tests set it to 0 (every epoch).
@@ -144,7 +151,8 @@ def train_detector(
             written = time.monotonic()
         if final:
             break
-    atomic_write_text(run_dir / FINISHED_FILE, json.dumps({"steps": step}) + "\n")
+    if state != "finished":
+        atomic_write_text(run_dir / FINISHED_FILE, json.dumps({"steps": step}) + "\n")
     model.eval()
     checkpoint = save_detector(out_dir / "detector.pt", model=model, config=config, extra={"steps": step})
     summary = {"config": asdict(config), "train_config": asdict(tc), "images": len(samples), "history": history}
@@ -154,8 +162,7 @@ def train_detector(
 
 def _fingerprint(config: DetectorConfig, tc: DetectorTrainConfig, samples: list, model: torch.nn.Module) -> str:
     """sha256 of what decides the trained weights: both configs, every image's bytes and boxes, initial weights."""
-    settings = {k: v for k, v in asdict(tc).items() if k not in ("verbose", "resume")}
-    digest = hashlib.sha256(json.dumps({"config": asdict(config), "train": settings}, sort_keys=True).encode())
+    digest = run_digest({"config": asdict(config), "train": weight_settings(tc)}, model)
     for sample in samples:
         digest.update(json.dumps([sample.image_path, sample.patient_id]).encode())
         try:
@@ -164,7 +171,4 @@ def _fingerprint(config: DetectorConfig, tc: DetectorTrainConfig, samples: list,
             raise InputError(f"image {sample.image_path} cannot be read ({e}); fix or remove its rows") from e
         digest.update(np.ascontiguousarray(sample.boxes, dtype=np.float32).tobytes())
         digest.update(np.ascontiguousarray(sample.labels, dtype=np.int64).tobytes())
-    for key, tensor in model.state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().numpy().tobytes())
     return digest.hexdigest()

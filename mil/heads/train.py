@@ -15,7 +15,6 @@ tells a caller launched with ``strategy="ddp"`` (torchrun) which process should 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -32,7 +31,7 @@ from mil.heads.data import BagRecord, check_records, covariate_width
 from mil.heads.module import AtomicCheckpointIO, HeadModule, evaluate_bags
 from mil.heads.registry import create_head
 from mil.quiet import quiet_lightning
-from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir
+from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir, run_digest, weight_settings
 
 # A killed run loses at most this much training (plus the epoch in progress); every write is atomic with fsync
 # and a re-read. Short runs therefore write their checkpoints once, at the end.
@@ -118,11 +117,7 @@ def is_global_zero() -> bool:
 
 def _fingerprint(head: MilHead, train: list[BagRecord], val: list[BagRecord], config: TrainConfig) -> str:
     """What decides the trained weights: head, its init, config and the training/validation bags."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"head": type(head).__name__, "config": config.to_dict()}, sort_keys=True).encode())
-    for key, tensor in head.state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().numpy().tobytes())
+    digest = run_digest({"head": type(head).__name__, "config": weight_settings(config)}, head)
     for role, records in (("train", train), ("val", val)):
         for r in records:
             digest.update(f"{role}:{r.patient_id}:{int(r.target)}".encode())
@@ -272,7 +267,7 @@ def fit_predict(
         history = dict(torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["history"])
         history["best_epoch"] = int(best_state["epoch"])
         history["monitor"] = monitor
-        if is_global_zero():
+        if state != "finished" and is_global_zero():
             atomic_write_text(log_dir / FINISHED_FILE, json.dumps({"best_epoch": history["best_epoch"]}))
         probs, attention = evaluate_bags(module.head, test, batch_size=run_config.batch_size)
     return HeadResult(probs=probs, attention=attention, history=history, best_checkpoint=str(best))
