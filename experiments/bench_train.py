@@ -227,27 +227,17 @@ def auroc(scores: np.ndarray, ids: list[str], labels: dict) -> float:
     return float(roc_auc_score([labels[i] for i in ids], scores))
 
 
-def paired_auroc_difference(ours: list, theirs: list, positive: np.ndarray, *, seed: int, draws: int = 2000):
-    """Mean over repeats of AUROC(ours) - AUROC(theirs) on the holdout patients, with a 95% paired bootstrap
-    interval: each draw resamples patients once and scores every repeat of both loops on that resample."""
-    from mil.protocol.metrics import binary_auroc
+def paired_auroc_difference(ours: list, theirs: list, positive: np.ndarray, *, seed: int) -> tuple:
+    """Mean over repeats of AUROC(ours) - AUROC(theirs) on the holdout patients, with the protocol's 95% paired
+    bootstrap (mil.protocol.bootstrap): each replicate resamples patients once and scores every repeat of both."""
+    from mil.protocol.bootstrap import paired_bootstrap
 
-    def mean_difference(index):
-        return np.mean(
-            [
-                binary_auroc(a[index], positive[index]) - binary_auroc(b[index], positive[index])
-                for a, b in zip(ours, theirs, strict=True)
-            ]
-        )
+    def as_probs(repeats):  # (repeats, patients, 2) from each repeat's positive-class scores
+        scores = np.stack(repeats)
+        return np.stack([1 - scores, scores], axis=-1)
 
-    rng = np.random.default_rng(seed)
-    n, estimates = len(positive), []
-    while len(estimates) < draws:
-        index = rng.integers(0, n, n)
-        if 0 < positive[index].sum() < n:
-            estimates.append(mean_difference(index))
-    low, high = np.percentile(estimates, [2.5, 97.5])
-    return mean_difference(np.arange(n)), low, high
+    result = paired_bootstrap(positive.astype(np.int64), as_probs(ours), as_probs(theirs), metric="auroc", seed=seed)
+    return result.diff, result.lo, result.hi
 
 
 def main() -> None:
