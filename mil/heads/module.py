@@ -10,21 +10,11 @@ from torch.utils.data import DataLoader
 
 from mil.heads.common import MilHead
 from mil.heads.data import BagDataset, BagRecord, LengthBucketSampler, length_batches, packed_collate, pad_collate
-from mil.protocol.metrics import binary_auroc
+from mil.protocol.metrics import auroc_ovr
 from mil.runs import write_checkpoint
 
 # Padded cells per validation forward pass: one pass for a typical validation split, bounded memory for big ones.
 VAL_CELLS_PER_BATCH = 32768
-
-
-def macro_auroc(probs: np.ndarray, targets: np.ndarray) -> float:
-    """Mean one-vs-rest AUROC over the classes with both positives and negatives; NaN when none has."""
-    scores = [
-        binary_auroc(probs[:, c], targets == c)
-        for c in range(probs.shape[1])
-        if 0 < (targets == c).sum() < len(targets)
-    ]
-    return float(np.mean(scores)) if scores else float("nan")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -136,7 +126,8 @@ class HeadModule(L.LightningModule):
             self.head.train(was_training)
         targets = torch.cat([batch["target"] for _, batch in self._val_batches])  # (V,)
         loss = float(torch.nn.functional.cross_entropy(logits, targets, weight=self.class_weights.cpu()))
-        return loss, macro_auroc(torch.softmax(logits, dim=1).numpy(), targets.numpy())
+        per_class = auroc_ovr(targets.numpy(), torch.softmax(logits, dim=1).numpy())  # NaN: class absent or alone
+        return loss, float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
 
     def _logits(self, batch: dict) -> torch.Tensor:
         cells, bag, cell, mask = (batch[key].to(self.device) for key in ("cells", "bag", "cell", "mask"))
