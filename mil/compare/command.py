@@ -23,6 +23,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cell-probs-per-fold",
         help="DIR with one bag folder per outer fold (DIR/seed{S}_fold{F}) from cross-fitted classifiers",
     )
+    parser.add_argument(
+        "--train-where",
+        help="external validation: train on patients whose patient-table COLUMN=VALUE[,VALUE] (e.g. cohort=Discovery)",
+    )
+    parser.add_argument("--test-where", help="external validation: test on these patients (e.g. cohort=Validation)")
+    parser.add_argument(
+        "--with-internal-cv",
+        action="store_true",
+        default=None,
+        help="with an external split: also run the k-fold on the training cohort alone, shown beside",
+    )
+    parser.add_argument(
+        "--covariates", help="comma-separated patient-table columns given to every head, e.g. age,sex,lymph_count"
+    )
+    parser.add_argument(
+        "--allow-separating-covariates",
+        action="store_true",
+        default=None,
+        help="accept a covariate that separates the training diagnoses on its own (refused as a likely leak)",
+    )
+    parser.add_argument(
+        "--standardize-by",
+        help="attention heads: z-score each bag by its own cells (patient) or by a column's groups (e.g. centre)",
+    )
     parser.add_argument("--max-epochs", type=int, help="attention heads: override train.max_epochs")
     parser.add_argument("--n-boot", type=int, help="bootstrap replicates (default 1000)")
     parser.add_argument("--devices", type=int, help="attention heads train with Lightning DDP on N devices")
@@ -48,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
         devices=args.devices,
         accelerator=args.accelerator,
         wandb=args.wandb,
+        train_where=args.train_where,
+        test_where=args.test_where,
+        with_internal_cv=args.with_internal_cv,
+        covariates=args.covariates,
+        allow_separating_covariates=args.allow_separating_covariates,
+        standardize_by=args.standardize_by,
     )
     if args.max_epochs is not None:
         config.train = {**config.train, "max_epochs": args.max_epochs}

@@ -16,7 +16,7 @@ WANDB_MODES = ("disabled", "offline", "online")
 COUNT_SOURCES = ("truth", "hard", "soft")
 # Facts a results folder's config.yaml records beside the options (inputs, split hash, classes); reading that
 # file back as --config skips them, so a run can be repeated from its own record.
-RECORDED_KEYS = ("bags", "patients", "splits_sha256", "classes")
+RECORDED_KEYS = ("bags", "patients", "splits_sha256", "classes", "bag_provenance")
 
 
 @dataclass
@@ -36,6 +36,12 @@ class CompareConfig:
     ci_level: float = 0.95
     ece_bins: int = 10
     standardize: bool = True
+    standardize_by: str | None = None
+    train_where: str | None = None
+    test_where: str | None = None
+    with_internal_cv: bool = False
+    covariates: list[str] = field(default_factory=list)
+    allow_separating_covariates: bool = False
     count_heads: dict = field(default_factory=dict)
     attention_heads: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
@@ -47,6 +53,16 @@ class CompareConfig:
         problems = []
         if isinstance(self.heads, str):
             self.heads = [h.strip() for h in self.heads.split(",") if h.strip()]
+        from mil.covariates import parse_columns
+
+        try:
+            self.covariates = parse_columns(self.covariates)
+        except ConfigError as e:
+            problems.append(str(e))
+        if bool(self.train_where) != bool(self.test_where):
+            problems.append("an external split needs both train_where and test_where (e.g. cohort=Discovery)")
+        if self.with_internal_cv and not self.external:
+            problems.append("with_internal_cv needs an external split (train_where and test_where)")
         if not self.heads:
             problems.append("heads is empty; name at least one head, e.g. count.logreg,abmil")
         if len(set(self.heads)) != len(self.heads):
@@ -68,6 +84,10 @@ class CompareConfig:
                 problems.append(f"{key} must be a mapping")
         if problems:
             raise ConfigError("compare config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    @property
+    def external(self) -> bool:
+        return bool(self.train_where and self.test_where)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -91,23 +91,73 @@ def summary_rows(result: CompareResult, per_head: dict[str, BootstrapResult]) ->
     return header, rows
 
 
-def summary_markdown(
-    result: CompareResult, per_head: dict[str, BootstrapResult], paired: list[PairedResult], config: CompareConfig
-) -> str:
-    level = int(round(config.ci_level * 100))
+def _metric_table(result: CompareResult, per_head: dict[str, BootstrapResult]) -> list[str]:
     lines = [
-        f"# Comparison: {len(result.patients)} patients, {len(result.classes)} diagnoses "
-        f"({', '.join(result.classes)}), {result.splits.folds}-fold x {len(result.splits.seeds)} seeds",
-        "",
-        f"Splits sha256 `{result.splits.sha256}`; counts from `{config.counts}`; "
-        f"{level}% bootstrap CIs over patients ({config.n_boot} replicates).",
-        "",
         "| head | kind | " + " | ".join(name for _, name in SUMMARY_METRICS) + " |",
         "|---|---|" + "---|" * len(SUMMARY_METRICS),
     ]
     for h, b in per_head.items():
         cells = [f"{_fmt(b.point[k])} [{_fmt(b.lo[k])}, {_fmt(b.hi[k])}]" for k, _ in SUMMARY_METRICS]
         lines.append(f"| {h} | {result.kinds[h]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _side_by_side(result: CompareResult, external: dict, internal: dict[str, BootstrapResult]) -> list[str]:
+    """External metrics beside the training cohort's internal k-fold, head by head."""
+    inner = result.internal
+    lines = [
+        "",
+        f"## External vs internal CV of the training cohort ({inner.splits.folds}-fold x {len(inner.splits.seeds)} "
+        f"seeds on {len(inner.patients)} patients; its own results in internal_cv/)",
+        "",
+        "| head | macro-F1 external | macro-F1 internal CV | AUROC external | AUROC internal CV |",
+        "|---|---|---|---|---|",
+    ]
+    for h, b in external.items():
+        i = internal.get(h)
+        cells = []
+        for key in ("macro_f1", "auroc"):
+            cells.append(f"{_fmt(b.point[key])} [{_fmt(b.lo[key])}, {_fmt(b.hi[key])}]")
+            cells.append("-" if i is None else f"{_fmt(i.point[key])} [{_fmt(i.lo[key])}, {_fmt(i.hi[key])}]")
+        lines.append(f"| {h} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(
+    result: CompareResult,
+    per_head: dict[str, BootstrapResult],
+    paired: list[PairedResult],
+    config: CompareConfig,
+    internal: dict[str, BootstrapResult] | None = None,
+) -> str:
+    level = int(round(config.ci_level * 100))
+    n_seeds = len(result.splits.seeds)
+    if result.splits.is_external:
+        where = dict(result.splits.external)
+        n_train = len({p for fs in result.splits.splits for p in fs.train + fs.val})
+        title = (
+            f"# External validation: trained on {n_train} patients ({where['train_where']}), tested on "
+            f"{len(result.patients)} patients ({where['test_where']}), {len(result.classes)} diagnoses "
+            f"({', '.join(result.classes)}), {n_seeds} seeds"
+        )
+        scope = "CIs over the external patients"
+    else:
+        title = (
+            f"# Comparison: {len(result.patients)} patients, {len(result.classes)} diagnoses "
+            f"({', '.join(result.classes)}), {result.splits.folds}-fold x {n_seeds} seeds"
+        )
+        scope = "CIs over patients"
+    lines = [
+        title,
+        "",
+        f"Splits sha256 `{result.splits.sha256}`; counts from `{config.counts}`; "
+        f"{level}% bootstrap {scope} ({config.n_boot} replicates)."
+        + (f" Covariates: {', '.join(result.covariates)}." if result.covariates else ""),
+        "",
+    ]
+    lines += _metric_table(result, per_head)
+    if result.internal is not None and internal is not None:
+        lines += _side_by_side(result, per_head, internal)
     lines += [
         "",
         f"## Paired test of macro-F1 (a - b, {level}% CI, two-sided bootstrap p)",
@@ -228,6 +278,9 @@ def write_report(
     """Every result file of a comparison; returns the per-head bootstrap results and the paired tests."""
     out = Path(out)
     per_head, paired = evaluate(result, config)
+    internal = None
+    if result.internal is not None:
+        internal, _ = write_report(result.internal, config, out / "internal_cv")
     _write_csv(out / "summary.csv", *summary_rows(result, per_head))
     _write_csv(
         out / "paired.csv",
@@ -238,11 +291,18 @@ def write_report(
         ],
     )
     _write_csv(out / "predictions.csv", *prediction_rows(result))
-    resolved = {**config.to_dict(), **result.sources, "splits_sha256": result.splits.sha256, "classes": result.classes}
+    resolved = {
+        **config.to_dict(),
+        **result.sources,
+        "splits_sha256": result.splits.sha256,
+        "classes": result.classes,
+        "heads": list(result.probs),
+        "bag_provenance": result.provenance,
+    }
     atomic_write_text(
         out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False), lambda p: yaml.safe_load(p.read_text())
     )
-    atomic_write_text(out / "summary.md", summary_markdown(result, per_head, paired, config))
+    atomic_write_text(out / "summary.md", summary_markdown(result, per_head, paired, config, internal))
     plot_roc(result, out / "roc.png")
     for h, b in per_head.items():
         plot_confusion(result, h, b.confusion, out / f"confusion_{h}.png")

@@ -1,9 +1,11 @@
-"""Run every head of a comparison on the same splits and collect out-of-fold predictions.
+"""Run every head of a comparison on the same splits and collect out-of-fold (or external) predictions.
 
-Order of work: bags (one encoder, checked) + patient table -> cohort -> splits.json (made once, reused) ->
-for each seed and outer fold: every count head (fit on train + val, no early stopping needed) and every
-attention head (mil.heads.train.fit_predict, early stopping on val) -> probabilities of the fold's test
-patients -> metrics, CIs and paired tests (mil.compare.report).
+Order of work: bags (one encoder, checked) + patient table -> cohort -> splits.json (made once, reused: k-fold,
+or an external split by a patient-table column) -> for each seed and outer fold: covariates encoded with the
+fold's training patients (mil.covariates) -> every count head (fit on train + val, no early stopping needed)
+and every attention head (mil.heads.train.fit_predict, early stopping on val) -> probabilities of the fold's
+test patients -> metrics, CIs and paired tests (mil.compare.report). Every fitted model is saved under
+models/<head>/<fold> with what it needs to score new patients (`mil predict`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import numpy as np
 
 from mil.atomic import atomic_path
 from mil.compare.config import CompareConfig
+from mil.compare.normalise import feature_normaliser, fold_statistics
 from mil.count import build_count_data, create_count_head, is_count_head, list_count_heads, load_groups
 from mil.count.differential import check_crossfit, crossfit_folder, trained_patients
+from mil.count.persist import save_count_model
 from mil.errors import ConfigError, InputError, listing, refuse_unknown_keys
-from mil.protocol import Splits, crossfit_plan, load_or_create_splits
+from mil.protocol import Splits, crossfit_plan, load_or_create_external_splits, load_or_create_splits
+from mil.provenance import bag_provenance
 
 
 @dataclass
@@ -37,6 +42,9 @@ class CompareResult:
     dropped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # bag directory and patient table, for `mil attention`
+    provenance: dict = field(default_factory=dict)  # encoder config + preprocessing of the bags (mil.provenance)
+    covariates: list[str] = field(default_factory=list)  # encoded covariate names of the last fold (report)
+    internal: CompareResult | None = None  # the training cohort's own k-fold, with --with-internal-cv
 
 
 def _check_heads(config: CompareConfig) -> dict[str, str]:
@@ -60,11 +68,8 @@ def _check_heads(config: CompareConfig) -> dict[str, str]:
     return kinds
 
 
-def _cohort(bag_patients: list[str], patients_csv: Path, log) -> tuple[dict[str, str], list[str]]:
+def _cohort(bag_patients: list[str], table: dict[str, dict], patients_csv: Path, log) -> tuple[dict, list[str]]:
     """patient -> diagnosis of the patients with both a valid bag and a diagnosis; list the others."""
-    from mil.cell_table import read_patient_table
-
-    table = read_patient_table(patients_csv).by_id()
     no_row = sorted(set(bag_patients) - set(table))
     if no_row:
         raise InputError(
@@ -75,6 +80,50 @@ def _cohort(bag_patients: list[str], patients_csv: Path, log) -> tuple[dict[str,
     if dropped:
         log(f"note: {len(dropped)} patient(s) of {patients_csv} have no valid bag and are left out: {dropped[:10]}")
     return {p: table[p]["diagnosis"].strip() for p in bag_patients}, dropped
+
+
+def parse_where(condition: str) -> tuple[str, set[str]]:
+    """'cohort=Discovery' or 'centre=A,B' -> ('cohort', {'Discovery'}); anything else is a ConfigError."""
+    column, sep, values = str(condition).partition("=")
+    wanted = {v.strip() for v in values.split(",") if v.strip()}
+    if not sep or not column.strip() or not wanted:
+        raise ConfigError(f"{condition!r} is not COLUMN=VALUE[,VALUE...] (e.g. cohort=Discovery or centre=A,B)")
+    return column.strip(), wanted
+
+
+def _select(cohort: dict[str, str], table: dict[str, dict], condition: str, where: str) -> dict[str, str]:
+    column, wanted = parse_where(condition)
+    columns = list(next(iter(table.values()), {}))
+    if column not in columns:
+        raise ConfigError(f"{condition!r}: {where} has no column {column!r}; its columns are {columns}")
+    return {p: dx for p, dx in cohort.items() if str(table[p].get(column, "")).strip() in wanted}
+
+
+def _external_cohorts(config: CompareConfig, cohort: dict[str, str], table: dict[str, dict], where: str, log):
+    train = _select(cohort, table, config.train_where, where)
+    test = _select(cohort, table, config.test_where, where)
+    neither = sorted(set(cohort) - set(train) - set(test))
+    if neither:
+        log(
+            f"note: {len(neither)} patient(s) match neither {config.train_where} nor {config.test_where} "
+            f"and are left out: {neither[:10]}"
+        )
+    return train, test
+
+
+def _note_unused_columns(columns: list[str], config: CompareConfig, log) -> None:
+    used = {"patient_id", "diagnosis", *config.covariates}
+    for condition in (config.train_where, config.test_where):
+        if condition:
+            used.add(parse_where(condition)[0])
+    if config.standardize_by not in (None, "patient"):
+        used.add(config.standardize_by)
+    unused = [c for c in columns if c not in used]
+    if unused:
+        log(
+            f"note: patient-table columns not used by this run: {', '.join(unused)} "
+            "(--covariates gives columns to the heads; --train-where/--test-where splits by one)"
+        )
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -131,13 +180,23 @@ def _check_single_classifier(bags: Path, loaded: dict, plan: dict, log) -> None:
 
 
 def run_compare(
-    config: CompareConfig, *, bags: str | Path, patients: str | Path, out: str | Path, log=print
+    config: CompareConfig,
+    *,
+    bags: str | Path,
+    patients: str | Path,
+    out: str | Path,
+    log=print,
+    only: set[str] | None = None,
 ) -> CompareResult:
-    """Train and evaluate every head of `config.heads` on the same splits; write splits.json and attention."""
+    """Train and evaluate every head of `config.heads` on the same splits; write splits.json, attention, models.
+
+    `only`: restrict the cohort to these patients (the internal CV of an external comparison's training cohort).
+    """
     from features.bags import BagDirectory
+    from mil.cell_table import read_patient_table
+    from mil.covariates import check_columns, refuse_leaks
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if config.wandb != "disabled":
         os.environ["WANDB_MODE"] = config.wandb  # offline/online only when asked; never a login prompt
     kinds = _check_heads(config)
@@ -146,24 +205,56 @@ def run_compare(
     bag_patients = directory.patients()
     if not bag_patients:
         raise InputError(f"bag directory {bags} holds no valid bag; run `mil extract` first")
-    cohort, dropped = _cohort(bag_patients, Path(patients), log)
-    splits, created = load_or_create_splits(
-        out / "splits.json",
-        cohort,
-        folds=config.folds,
-        seeds=config.seeds,
-        seed=config.seed,
-        val_fraction=config.val_fraction,
+    patient_table = read_patient_table(Path(patients))
+    table = patient_table.by_id()
+    columns = list(patient_table.rows[0]) if patient_table.rows else []
+    check_columns(columns, config.covariates, str(patients))
+    cohort, dropped = _cohort(bag_patients, table, Path(patients), log)
+    if only is not None:
+        cohort = {p: dx for p, dx in cohort.items() if p in only}
+    else:
+        _note_unused_columns(columns, config, log)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"seeds": config.seeds, "seed": config.seed, "val_fraction": config.val_fraction}
+    if config.external and only is None:
+        train_cohort, test_cohort = _external_cohorts(config, cohort, table, str(patients), log)
+        cohort = {**train_cohort, **test_cohort}
+        splits, created = load_or_create_external_splits(
+            out / "splits.json",
+            train_cohort,
+            test_cohort,
+            train_where=config.train_where,
+            test_where=config.test_where,
+            **settings,
+        )
+    else:
+        splits, created = load_or_create_splits(out / "splits.json", cohort, folds=config.folds, **settings)
+    log(
+        f"splits {'written' if created else 'reused'}: {out / 'splits.json'} ({splits.describe()}, "
+        f"sha256 {splits.sha256[:12]})"
     )
-    log(f"splits {'written' if created else 'reused'}: {out / 'splits.json'} (sha256 {splits.sha256[:12]})")
-    order = splits.patients
+    if config.covariates:
+        fit_on = sorted({p for fs in splits.splits for p in fs.train + fs.val})
+        refuse_leaks(
+            [table[p] for p in fit_on],
+            config.covariates,
+            [cohort[p] for p in fit_on],
+            allow=config.allow_separating_covariates,
+            where="the training patients",
+        )
+        if "count.covariates" not in kinds:
+            kinds["count.covariates"] = "count"
+            log("note: covariates given, so the covariate-only head count.covariates joins the comparison")
+    heads = list(kinds)
+    order = splits.test_patients
     classes = sorted(set(cohort.values()))
-    y_true = np.array([classes.index(cohort[p]) for p in order], dtype=np.int64)
-    loaded = {p: directory.load(p) for p in order}
+    target = {p: classes.index(dx) for p, dx in cohort.items()}
+    y_true = np.array([target[p] for p in order], dtype=np.int64)
+    loaded = {p: directory.load(p) for p in splits.patients}
 
     groups = load_groups(config.groups) if config.groups else None
     group_by = load_groups(config.group_by) if config.group_by else None
-    count_heads = [h for h in config.heads if kinds[h] == "count"]
+    count_heads = [h for h in heads if kinds[h] == "count"]
     shared_counts = None
     if count_heads and not config.cell_probs_per_fold:
         shared_counts = build_count_data(loaded, source=config.counts, group_by=group_by, groups=groups)
@@ -181,39 +272,53 @@ def run_compare(
         dropped=dropped,
         fold_of=np.full((n_seeds, len(order)), -1),
         sources={"bags": str(Path(bags).resolve()), "patients": str(Path(patients).resolve())},
+        provenance=bag_provenance(directory),
     )
-    for h in config.heads:
+    for h in heads:
         result.probs[h] = np.full((n_seeds, len(order), len(classes)), np.nan)
         result.seconds[h] = 0.0
-    attention: dict[str, dict[str, list]] = {h: {} for h in config.heads if kinds[h] == "attention"}
+    attention: dict[str, dict[str, list]] = {h: {} for h in heads if kinds[h] == "attention"}
+    norm = feature_normaliser(config, loaded, table)
 
     for k, fs in enumerate(splits.splits):
         s = splits.seeds.index(fs.seed)
         test_rows = [index[p] for p in fs.test]
         result.fold_of[s, test_rows] = fs.fold
+        fit_on = list(fs.train + fs.val)
+        encoder = _fit_fold_covariates(config, table, fit_on)
+        if encoder is not None:
+            result.covariates = encoder.names
         counts = shared_counts
         if count_heads and config.cell_probs_per_fold:
             counts = _count_data_for_fold(config, plan[fs.name], groups, group_by, n_seeds)
+        if counts is not None and encoder is not None:
+            counts = counts.with_covariates(encoder.transform([table[p] for p in counts.patients]))
         scores = []
-        for h in config.heads:
+        for h in heads:
             start = time.perf_counter()
             if kinds[h] == "count":
-                fit_on = list(fs.train + fs.val)
                 head = create_count_head(h, seed=fs.seed, **config.count_heads.get(h, {}))
-                head.fit(counts.take(fit_on), y_true[[index[p] for p in fit_on]], num_classes=len(classes))
+                head.fit(counts.take(fit_on), np.array([target[p] for p in fit_on]), num_classes=len(classes))
                 probs = head.predict_proba(counts.take(list(fs.test)))
+                save_count_model(
+                    out / "models" / h / fs.name,
+                    head,
+                    options=config.count_heads.get(h, {}),
+                    classes=classes,
+                    names=counts.names,
+                    encoder=encoder,
+                    meta=_model_meta(config, fs),
+                )
             else:
-                probs, att = _fit_attention(h, config, fs, loaded, y_true, index, classes, out)
+                probs, att = _fit_attention(h, config, fs, loaded, target, classes, out, norm, encoder, table)
                 for p, a in att.items():
                     attention[h].setdefault(p, []).append(np.asarray(a, dtype=np.float32))
             result.probs[h][s, test_rows] = probs
             result.seconds[h] += time.perf_counter() - start
             acc = float((probs.argmax(axis=1) == y_true[test_rows]).mean())
             scores.append(f"{h} {acc:.2f}")
-        log(
-            f"[{k + 1}/{len(splits.splits)}] seed {fs.seed} fold {fs.fold + 1}/{splits.folds}: "
-            f"test accuracy {', '.join(scores)}"
-        )
+        where = "external test" if splits.is_external else f"fold {fs.fold + 1}/{splits.folds}"
+        log(f"[{k + 1}/{len(splits.splits)}] seed {fs.seed} {where}: test accuracy {', '.join(scores)}")
 
     for h, per_patient in attention.items():
         for p, arrays in per_patient.items():
@@ -221,10 +326,38 @@ def run_compare(
     missing = [h for h, pr in result.probs.items() if np.isnan(pr).any()]
     if missing:
         raise RuntimeError(f"heads {missing} left patients without an out-of-fold prediction (a bug; please report)")
+    if config.external and config.with_internal_cv and only is None:
+        log(f"internal CV of the training cohort ({config.train_where}) in {out / 'internal_cv'}")
+        result.internal = run_compare(
+            config, bags=bags, patients=patients, out=out / "internal_cv", log=log, only=set(train_cohort)
+        )
     return result
 
 
-def _fit_attention(name, config, fs, loaded, y_true, index, classes, out):
+def _model_meta(config: CompareConfig, fs) -> dict:
+    return {
+        "fold": fs.name,
+        "train_patients": list(fs.train),
+        "val_patients": list(fs.val),
+        "test_patients": list(fs.test),
+        "counts": config.counts,
+        "group_by": config.group_by,
+        "groups": config.groups,
+        "standardize": config.standardize,
+        "standardize_by": config.standardize_by,
+    }
+
+
+def _fit_fold_covariates(config: CompareConfig, table: dict[str, dict], fit_on: list[str]):
+    """The covariate encoder of one fold, fitted on its training patients (train + val) only; None without any."""
+    if not config.covariates:
+        return None
+    from mil.covariates import fit_covariates
+
+    return fit_covariates([table[p] for p in fit_on], config.covariates)
+
+
+def _fit_attention(name, config, fs, loaded, target, classes, out, norm, encoder, table):
     """One attention head on one fold: BagRecords from the bags, fit_predict, probs of the test patients.
 
     The head is passed by name so fit_predict builds it after seeding: its initial weights are reproducible.
@@ -234,15 +367,19 @@ def _fit_attention(name, config, fs, loaded, y_true, index, classes, out):
 
     shift, scale = 0.0, 1.0
     if config.standardize:  # z-score with the fold's training cells only: no statistic of a test patient leaks in
-        cells = np.concatenate([np.asarray(loaded[p].features, dtype=np.float64) for p in fs.train])
-        shift, scale = cells.mean(axis=0), cells.std(axis=0) + 1e-6
+        shift, scale = fold_statistics([norm(p) for p in fs.train])
+    covariates = {}
+    if encoder is not None:
+        every = list(fs.train + fs.val + fs.test)
+        covariates = dict(zip(every, encoder.transform([table[p] for p in every]).astype(np.float32)))
 
     def records(ids):
         return [
             BagRecord(
                 patient_id=p,
-                features=((np.asarray(loaded[p].features, dtype=np.float64) - shift) / scale).astype(np.float32),
-                target=int(y_true[index[p]]),
+                features=((norm(p) - shift) / scale).astype(np.float32),
+                target=int(target[p]),
+                covariates=covariates.get(p),
             )
             for p in ids
         ]
@@ -258,11 +395,14 @@ def _fit_attention(name, config, fs, loaded, y_true, index, classes, out):
         log_dir=out / "logs" / name / fs.name,
     )
     in_dim = int(np.asarray(loaded[fs.train[0]].features).shape[1])
-    _save_bundle(out / "models" / name / f"{fs.name}.pt", name, train_config, result, in_dim, shift, scale, classes, fs)
+    meta = {**_model_meta(config, fs), "covariates": encoder.to_dict() if encoder is not None else None}
+    _save_bundle(
+        out / "models" / name / f"{fs.name}.pt", name, train_config, result, in_dim, shift, scale, classes, meta
+    )
     return np.asarray(result.probs, dtype=np.float64), result.attention
 
 
-def _save_bundle(path, name, train_config, result, in_dim, shift, scale, classes, fs) -> None:
+def _save_bundle(path, name, train_config, result, in_dim, shift, scale, classes, meta) -> None:
     """The fold's trained head with its feature standardisation: `mil attention` reruns it for deletion curves."""
     import torch
 
@@ -273,6 +413,8 @@ def _save_bundle(path, name, train_config, result, in_dim, shift, scale, classes
     state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
     kwargs = {"hidden_dim": train_config.hidden_dim, "dropout": train_config.dropout, **train_config.head_kwargs}
+    if result.covariate_shift is not None:
+        kwargs["covariate_dim"] = int(len(result.covariate_shift))
     save_head_bundle(
         path,
         head_name=name,
@@ -282,5 +424,7 @@ def _save_bundle(path, name, train_config, result, in_dim, shift, scale, classes
         classes=list(classes),
         shift=shift,
         scale=scale,
-        meta={"fold": fs.name, "test_patients": list(fs.test)},
+        covariate_shift=result.covariate_shift,
+        covariate_scale=result.covariate_scale,
+        meta=meta,
     )

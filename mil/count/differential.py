@@ -108,6 +108,7 @@ class CountData:
     names: list[str]
     meta: np.ndarray
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    covariates: np.ndarray | None = None  # (P, K) encoded patient covariates (mil.covariates), when a run uses them
 
     def take(self, patients: list[str] | tuple[str, ...]) -> CountData:
         index = {p: i for i, p in enumerate(self.patients)}
@@ -115,7 +116,14 @@ class CountData:
         if missing:
             raise InputError(f"no counts for patient(s) {missing[:10]}; their bags are missing or invalid")
         rows = [index[p] for p in patients]
-        return CountData(list(patients), self.differential[rows], self.names, self.meta[rows], self.groups)
+        covariates = None if self.covariates is None else self.covariates[rows]
+        return CountData(list(patients), self.differential[rows], self.names, self.meta[rows], self.groups, covariates)
+
+    def with_covariates(self, covariates: np.ndarray | None) -> CountData:
+        """The same patients with (P, K) covariates attached (rows in `patients` order)."""
+        if covariates is not None and len(covariates) != len(self.patients):
+            raise ValueError(f"covariates have {len(covariates)} rows for {len(self.patients)} patients")
+        return CountData(self.patients, self.differential, self.names, self.meta, self.groups, covariates)
 
     def share(self, group: str) -> np.ndarray:
         """(P,) share of `group`: a column of the differential, or the sum of the group's class columns."""

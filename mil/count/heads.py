@@ -10,12 +10,18 @@ import numpy as np
 
 from mil.count.differential import CountData
 from mil.count.registry import register_count_head
+from mil.errors import ConfigError
 
 
 class CountHead:
-    """Shared fit/predict plumbing: subclasses give the feature matrix and the sklearn estimator."""
+    """Shared fit/predict plumbing: subclasses give the feature matrix and the sklearn estimator.
+
+    When the data carry patient covariates (`CountData.covariates`), heads with `uses_covariates` see them as
+    extra columns beside their own features; the shortcut and rule heads never do.
+    """
 
     head_name = "count"
+    uses_covariates = True
 
     def __init__(self, *, seed: int = 0) -> None:
         self.seed = seed
@@ -28,16 +34,23 @@ class CountHead:
     def estimator(self):
         raise NotImplementedError
 
+    def inputs(self, data: CountData) -> np.ndarray:
+        """(P, F) what the estimator sees: the head's features, then the covariates when it uses them."""
+        x = self.features(data)
+        if self.uses_covariates and data.covariates is not None and data.covariates.shape[1]:
+            x = np.hstack([x, data.covariates])
+        return x
+
     def fit(self, data: CountData, y: np.ndarray, *, num_classes: int) -> CountHead:
         self.num_classes = num_classes
         self.model = self.estimator()
-        self.model.fit(self.features(data), np.asarray(y, dtype=np.int64))
+        self.model.fit(self.inputs(data), np.asarray(y, dtype=np.int64))
         return self
 
     def predict_proba(self, data: CountData) -> np.ndarray:
         if self.model is None:
             raise RuntimeError(f"{self.head_name}: call fit() before predict_proba()")
-        seen = self.model.predict_proba(self.features(data))  # (P, classes seen in training)
+        seen = self.model.predict_proba(self.inputs(data))  # (P, classes seen in training)
         probs = np.zeros((len(seen), self.num_classes))
         probs[:, np.asarray(self.model.classes_, dtype=np.int64)] = seen
         return probs
@@ -115,6 +128,8 @@ class RatioRuleCountHead(CountHead):
     exactly the rule's limit). Probabilities are the training class frequencies in the patient's interval.
     """
 
+    uses_covariates = False  # one threshold on one share: that is the rule
+
     def __init__(self, *, seed: int = 0, group: str = "blast", min_samples_leaf: int = 1) -> None:
         super().__init__(seed=seed)
         self.group, self.min_samples_leaf = group, min_samples_leaf
@@ -145,12 +160,36 @@ class MetadataCountHead(CountHead):
     When it scores close to the real heads, the cohort's diagnoses ride on how cells were captured or labelled.
     """
 
+    uses_covariates = False  # a shortcut detector must see the capture metadata alone
+
     def __init__(self, *, seed: int = 0, c: float = 1.0) -> None:
         super().__init__(seed=seed)
         self.c = c
 
     def features(self, data: CountData) -> np.ndarray:
         return data.meta
+
+    def estimator(self):
+        return _scaled_logreg(self.c, self.seed)
+
+
+@register_count_head("count.covariates")
+class CovariateCountHead(CountHead):
+    """The clinical baseline: logistic regression on the patient covariates alone (age, sex, blood counts), no cell.
+
+    Joins every comparison that uses covariates, so a user sees what the cells add to what the clinic knows.
+    """
+
+    uses_covariates = False  # they are its features already
+
+    def __init__(self, *, seed: int = 0, c: float = 1.0) -> None:
+        super().__init__(seed=seed)
+        self.c = c
+
+    def features(self, data: CountData) -> np.ndarray:
+        if data.covariates is None or not data.covariates.shape[1]:
+            raise ConfigError("count.covariates needs patient covariates: name them with --covariates age,sex,...")
+        return data.covariates
 
     def estimator(self):
         return _scaled_logreg(self.c, self.seed)

@@ -30,9 +30,12 @@ def save_head_bundle(
     classes: list[str],
     shift: np.ndarray | float = 0.0,
     scale: np.ndarray | float = 1.0,
+    covariate_shift: np.ndarray | None = None,
+    covariate_scale: np.ndarray | None = None,
     meta: dict | None = None,
 ) -> Path:
-    """Write the bundle; `state_dict` is the head's own (no 'head.' prefix), shift/scale z-score the features."""
+    """Write the bundle; `state_dict` is the head's own (no 'head.' prefix), shift/scale z-score the features,
+    covariate_shift/scale the (already encoded) covariates of a head built with covariate_dim=K."""
     payload = {
         "format": BUNDLE_FORMAT,
         "head": head_name,
@@ -44,6 +47,9 @@ def save_head_bundle(
         "scale": torch.as_tensor(np.broadcast_to(np.asarray(scale, np.float64), (in_dim,)).copy()),
         "meta": dict(meta or {}),
     }
+    if covariate_shift is not None:
+        payload["covariate_shift"] = torch.as_tensor(np.asarray(covariate_shift, np.float64).copy())
+        payload["covariate_scale"] = torch.as_tensor(np.asarray(covariate_scale, np.float64).copy())
 
     def readable(tmp: Path) -> None:
         load_head_bundle(tmp)
@@ -60,21 +66,39 @@ class HeadBundle:
     shift: np.ndarray  # (D,)
     scale: np.ndarray  # (D,)
     meta: dict
+    covariate_shift: np.ndarray | None = None  # (K,)
+    covariate_scale: np.ndarray | None = None  # (K,)
 
-    @torch.no_grad()
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        """features (N,D) of one bag -> probabilities (C,)."""
+    def _inputs(self, features: np.ndarray, covariates: np.ndarray | None):
         x = torch.as_tensor((np.asarray(features, np.float64) - self.shift) / self.scale, dtype=torch.float32)
         x = x[None]  # (1,N,D)
         mask = torch.ones(x.shape[:2], dtype=torch.bool)  # (1,N)
-        return torch.softmax(self.head(x, mask).double(), dim=1)[0].numpy()
+        cov = None
+        if self.covariate_shift is not None:
+            if covariates is None:
+                raise ConfigError(f"head {self.name} was trained with covariates; pass the patient's covariates")
+            z = (np.asarray(covariates, np.float64).reshape(-1) - self.covariate_shift) / self.covariate_scale
+            cov = torch.as_tensor(z.astype(np.float32))[None]  # (1,K)
+        return x, mask, cov
 
     @torch.no_grad()
-    def attention(self, features: np.ndarray) -> np.ndarray:
+    def predict(self, features: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
+        """features (N,D) of one bag (and its encoded covariates (K,)) -> probabilities (C,)."""
+        x, mask, cov = self._inputs(features, covariates)
+        return torch.softmax(self.head(x, mask, cov).double(), dim=1)[0].numpy()
+
+    @torch.no_grad()
+    def attention(self, features: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
         """features (N,D) -> attention (N,) or (C,N)."""
-        x = torch.as_tensor((np.asarray(features, np.float64) - self.shift) / self.scale, dtype=torch.float32)[None]
-        mask = torch.ones(x.shape[:2], dtype=torch.bool)
-        return self.head.attention(x, mask)[0].numpy()
+        x, mask, cov = self._inputs(features, covariates)
+        return self.head.attention(x, mask, cov)[0].numpy()
+
+    @torch.no_grad()
+    def predict_with_attention(self, features: np.ndarray, covariates: np.ndarray | None = None):
+        """One pass: probabilities (C,) and attention (N,) or (C,N)."""
+        x, mask, cov = self._inputs(features, covariates)
+        logits, weights = self.head.forward_with_attention(x, mask, cov)
+        return torch.softmax(logits.double(), dim=1)[0].numpy(), weights[0].numpy()
 
 
 def load_head_bundle(path: str | Path) -> HeadBundle:
@@ -93,4 +117,6 @@ def load_head_bundle(path: str | Path) -> HeadBundle:
         shift=payload["shift"].numpy(),
         scale=payload["scale"].numpy(),
         meta=dict(payload["meta"]),
+        covariate_shift=payload["covariate_shift"].numpy() if "covariate_shift" in payload else None,
+        covariate_scale=payload["covariate_scale"].numpy() if "covariate_scale" in payload else None,
     )

@@ -108,6 +108,8 @@ class HeadResult:
     attention: dict[str, np.ndarray]
     history: dict
     best_checkpoint: str | None = None
+    covariate_shift: np.ndarray | None = None  # (K,) the training records' covariate mean and std, applied to
+    covariate_scale: np.ndarray | None = None  # every record before the head; a bundle stores them for `mil predict`
 
 
 def is_global_zero() -> bool:
@@ -127,13 +129,12 @@ def _fingerprint(head: MilHead, train: list[BagRecord], val: list[BagRecord], co
     return digest.hexdigest()
 
 
-def _standardize_covariates(
-    train: list[BagRecord], others: list[list[BagRecord]], width: int
-) -> tuple[list[BagRecord], list[list[BagRecord]]]:
+def _standardize_covariates(train: list[BagRecord], others: list[list[BagRecord]], width: int):
     """z-score covariates with the training patients' mean and std (no statistic of a test patient leaks in);
-    covariates such as age in years would otherwise dwarf the logits of the cells at initialisation."""
+    covariates such as age in years would otherwise dwarf the logits of the cells at initialisation.
+    Returns the scaled (train, others) and the (mean, std) used, or None for both without covariates."""
     if not width:
-        return train, others
+        return train, others, None, None
     values = np.stack([np.asarray(r.covariates, dtype=np.float64).reshape(-1) for r in train])
     mean, std = values.mean(axis=0), values.std(axis=0) + 1e-6
 
@@ -143,7 +144,7 @@ def _standardize_covariates(
             for r in records
         ]
 
-    return scaled(train), [scaled(group) for group in others]
+    return scaled(train), [scaled(group) for group in others], mean, std
 
 
 def _class_weights(train: list[BagRecord], num_classes: int, weighted: bool) -> torch.Tensor:
@@ -240,7 +241,7 @@ def fit_predict(
             raise ConfigError(f"the {role} bags differ in feature width from the training bags ({in_dim})")
         if records and covariate_width(records, role=role) != covariates:
             raise ConfigError(f"the {role} records do not carry the {covariates} covariates of the training records")
-    train, (val, test) = _standardize_covariates(train, [val, test], covariates)
+    train, (val, test), cov_shift, cov_scale = _standardize_covariates(train, [val, test], covariates)
     with quiet_lightning(not config.enable_progress_bar):
         L.seed_everything(config.seed, workers=True, verbose=False)
         if isinstance(head, str):
@@ -270,4 +271,11 @@ def fit_predict(
         if state != "finished" and is_global_zero():
             atomic_write_text(log_dir / FINISHED_FILE, json.dumps({"best_epoch": history["best_epoch"]}))
         probs, attention = evaluate_bags(module.head, test, batch_size=run_config.batch_size)
-    return HeadResult(probs=probs, attention=attention, history=history, best_checkpoint=str(best))
+    return HeadResult(
+        probs=probs,
+        attention=attention,
+        history=history,
+        best_checkpoint=str(best),
+        covariate_shift=cov_shift,
+        covariate_scale=cov_scale,
+    )
