@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("features.commands.extract", "embed every cell into one HDF5 bag per patient (cached, resumable)"),
     "verify": ("features.commands.verify", "check every bag of a directory; non-zero exit when any is invalid"),
     "compare": ("mil.compare.command", "train and compare count-based and attention-MIL heads on the same splits"),
+    "predict": ("mil.predict.command", "apply the heads a comparison saved to new patients (ensemble by default)"),
     "heads": ("mil.heads.command", "list the registered diagnosis heads"),
     "train-classifier": ("mil.classifier.command_train", "train the cell-type classifier on a cell table"),
     "classify": ("mil.classifier.command_classify", "write predicted labels and probabilities into a cell table"),

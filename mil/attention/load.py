@@ -17,12 +17,16 @@ from mil.attention.report import PatientAttention, build_report
 from mil.errors import InputError
 
 
-def _predictions(results: Path, head: str, seed: int) -> dict[str, dict]:
+def _predictions(results: Path, head: str, seed: int | None) -> dict[str, dict]:
+    """Rows of one head: of `seed` in a comparison, of the ensemble in a `mil predict` folder (seed None)."""
     path = results / "predictions.csv"
     if not path.exists():
         raise InputError(f"{path} is missing; run `mil compare ... --out {results}` first")
     with path.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["head"] == head and int(r["seed"]) == seed]
+        if seed is None:
+            rows = [r for r in csv.DictReader(f) if r["head"] == head and r["model"] == "ensemble"]
+        else:
+            rows = [r for r in csv.DictReader(f) if r["head"] == head and int(r["seed"]) == seed]
     if not rows:
         raise InputError(f"{path} has no predictions of head {head!r} for seed {seed}; pick a head that was compared")
     return {r["patient_id"]: r for r in rows}
@@ -54,6 +58,8 @@ def load_patients(
     bags = Path(bags or config.get("bags") or "")
     if not bags or not bags.is_dir():
         raise InputError(f"the bag directory of {results} is unknown or missing ({bags}); pass --bags BAGS")
+    if config.get("predict"):  # a `mil predict` folder: the ensemble, models from the comparison it applied
+        return _load_predicted(results, config, head, bags, cells, max_patients, with_models)
     splits = read_splits(results / "splits.json")
     seed = splits.seeds[0]
     predictions = _predictions(results, head, seed)
@@ -69,46 +75,87 @@ def load_patients(
     for pid in sorted(predictions)[: max_patients or None]:
         bag = directory.load(pid)
         attention = np.load(att_dir / f"{pid}.npy")[0]  # first seed: (N,) or (C,N)
-        if attention.shape[-1] != len(bag.features):
-            raise InputError(
-                f"attention of {pid} has {attention.shape[-1]} cells, its bag {len(bag.features)}; "
-                "the bags changed after `mil compare` ran - rerun it"
-            )
-        label_classes = list(bag.attrs.get("label_classes") or [])
-        truth = [label_classes[i] if 0 <= i < len(label_classes) else "" for i in bag.label]
-        cell_type = truth
-        if bag.cell_probs is not None:
-            from mil.count.differential import prob_classes
-
-            names = prob_classes(bag)
-            cell_type = [names[i] for i in bag.cell_probs.argmax(axis=1)]
-        cue = None
-        if extras and "auer_rod" in next(iter(extras.values())):
-            cue = np.array([str(extras.get(c, {}).get("auer_rod", "0")) in ("1", "True", "true") for c in bag.cell_id])
-        row = predictions[pid]
-        records.append(
-            PatientAttention(
-                patient_id=pid,
-                true=row["true"],
-                predicted=row["predicted"],
-                attention=attention,
-                boxes=bag.boxes,
-                image_paths=[bag.image_paths[i] for i in bag.image_index],
-                cell_type=cell_type,
-                truth=truth,
-                features=np.asarray(bag.features, np.float32),
-                cue=cue,
-                branch_names=classes if attention.ndim == 2 else [],
-            )
-        )
+        records.append(_record(pid, bag, attention, predictions[pid], extras, classes))
         bundle_path = results / "models" / head / f"{fold_of[pid].name}.pt"
         if with_models and bundle_path.exists():
             if bundle_path not in bundles:
-                from mil.heads.bundle import load_head_bundle
-
-                bundles[bundle_path] = load_head_bundle(bundle_path)
+                bundles[bundle_path] = _runnable_bundle(bundle_path)
             bundles[pid] = bundles[bundle_path]
-    return records, {p: b for p, b in bundles.items() if isinstance(p, str)}
+    return records, {p: b for p, b in bundles.items() if isinstance(p, str) and b is not None}
+
+
+def _runnable_bundle(path: Path):
+    """The head bundle for deletion curves, or None when it needs inputs beyond the bag (covariates, group
+    statistics): the curves are then skipped with a note rather than computed on the wrong inputs."""
+    from mil.heads.bundle import load_head_bundle
+
+    bundle = load_head_bundle(path)
+    if bundle.covariate_shift is not None or bundle.meta.get("standardize_by"):
+        return None
+    return bundle
+
+
+def _load_predicted(results: Path, config: dict, head: str, bags, cells, max_patients, with_models):
+    """Records of a `mil predict` folder: ensemble predictions, attention averaged over the member models."""
+    import json
+
+    from features.bags import BagDirectory
+
+    record = json.loads((results / "predict.json").read_text())
+    members = record["heads"].get(head)
+    if not members:
+        raise InputError(f"{results} has no predictions of head {head!r}; it has {sorted(record['heads'])}")
+    predictions = _predictions(results, head, None)
+    att_dir = results / "attention" / head
+    if not att_dir.is_dir():
+        raise InputError(f"{att_dir} is missing: {head!r} saved no attention (is it an attention head?)")
+    directory = BagDirectory(bags)
+    extras = _cell_extras(Path(cells) if cells else None)
+    classes = list(config.get("classes") or [])
+    bundle = None
+    first = Path(record["results"]) / "models" / head / f"{members[0]}.pt"
+    if with_models and first.exists():
+        bundle = _runnable_bundle(first)
+    records, bundles = [], {}
+    for pid in sorted(predictions)[: max_patients or None]:
+        attention = np.load(att_dir / f"{pid}.npy").mean(axis=0)  # members averaged: (N,) or (C,N)
+        records.append(_record(pid, directory.load(pid), attention, predictions[pid], extras, classes))
+        if bundle is not None:
+            bundles[pid] = bundle
+    return records, bundles
+
+
+def _record(pid: str, bag, attention: np.ndarray, row: dict, extras: dict, classes: list[str]) -> PatientAttention:
+    """One patient's attention record, with the bag's cells and the prediction row."""
+    if attention.shape[-1] != len(bag.features):
+        raise InputError(
+            f"attention of {pid} has {attention.shape[-1]} cells, its bag {len(bag.features)}; "
+            "the bags changed after `mil compare` ran - rerun it"
+        )
+    label_classes = list(bag.attrs.get("label_classes") or [])
+    truth = [label_classes[i] if 0 <= i < len(label_classes) else "" for i in bag.label]
+    cell_type = truth
+    if bag.cell_probs is not None:
+        from mil.count.differential import prob_classes
+
+        names = prob_classes(bag)
+        cell_type = [names[i] for i in bag.cell_probs.argmax(axis=1)]
+    cue = None
+    if extras and "auer_rod" in next(iter(extras.values())):
+        cue = np.array([str(extras.get(c, {}).get("auer_rod", "0")) in ("1", "True", "true") for c in bag.cell_id])
+    return PatientAttention(
+        patient_id=pid,
+        true=row["true"],
+        predicted=row["predicted"],
+        attention=attention,
+        boxes=bag.boxes,
+        image_paths=[bag.image_paths[i] for i in bag.image_index],
+        cell_type=cell_type,
+        truth=truth,
+        features=np.asarray(bag.features, np.float32),
+        cue=cue,
+        branch_names=classes if attention.ndim == 2 else [],
+    )
 
 
 def report_from_results(
@@ -125,5 +172,8 @@ def report_from_results(
     records, bundles = load_patients(results, head=head, bags=bags, cells=cells, max_patients=max_patients)
     predict = (lambda pid, features: bundles[pid].predict(features)) if len(bundles) == len(records) else None
     if predict is None:
-        print(f"note: no saved head for some patients under {Path(results) / 'models' / head}; deletion curves skipped")
+        print(
+            f"note: deletion curves skipped: no saved head for some patients under {Path(results) / 'models' / head}, "
+            "or the head needs covariates or per-group statistics beside the bag"
+        )
     return build_report(records, out, title=f"Attention over cells: {head}", head=head, predict=predict, top_k=top_k)

@@ -53,9 +53,8 @@ def group_of(table: dict[str, dict], column: str) -> dict[str, str]:
     return {p: str(row[column]).strip() for p, row in table.items()}
 
 
-def feature_normaliser(config, loaded: dict, table: dict[str, dict]) -> Callable[[str], np.ndarray]:
-    """patient -> its cells (N, D) float64 after `config.standardize_by` (identity when it is off); cached."""
-    by = config.standardize_by
+def feature_normaliser(by: str | None, loaded: dict, table: dict[str, dict]) -> Callable[[str], np.ndarray]:
+    """patient -> its cells (N, D) float64 after `standardize_by` (identity when it is None); cached."""
     raw = {p: np.asarray(bag.features, dtype=np.float64) for p, bag in loaded.items()}
     if by is None:
         return raw.__getitem__

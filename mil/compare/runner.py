@@ -278,7 +278,7 @@ def run_compare(
         result.probs[h] = np.full((n_seeds, len(order), len(classes)), np.nan)
         result.seconds[h] = 0.0
     attention: dict[str, dict[str, list]] = {h: {} for h in heads if kinds[h] == "attention"}
-    norm = feature_normaliser(config, loaded, table)
+    norm = feature_normaliser(config.standardize_by, loaded, table)
 
     for k, fs in enumerate(splits.splits):
         s = splits.seeds.index(fs.seed)

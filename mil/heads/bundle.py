@@ -77,7 +77,9 @@ class HeadBundle:
         if self.covariate_shift is not None:
             if covariates is None:
                 raise ConfigError(f"head {self.name} was trained with covariates; pass the patient's covariates")
-            z = (np.asarray(covariates, np.float64).reshape(-1) - self.covariate_shift) / self.covariate_scale
+            # records carry float32 covariates (mil.heads.data.BagRecord): round the same way before scaling
+            cov32 = np.asarray(covariates, np.float32).astype(np.float64).reshape(-1)
+            z = (cov32 - self.covariate_shift) / self.covariate_scale
             cov = torch.as_tensor(z.astype(np.float32))[None]  # (1,K)
         return x, mask, cov
 
