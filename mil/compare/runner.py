@@ -230,7 +230,7 @@ def run_compare(
     else:
         splits, created = load_or_create_splits(out / "splits.json", cohort, folds=config.folds, **settings)
     log(
-        f"splits {'written' if created else 'reused'}: {out / 'splits.json'} ({splits.describe()}, "
+        f"splits {'written' if created else 'reused'}: {out / 'splits.json'} ({splits.describe().split(' ', 1)[1]}, "
         f"sha256 {splits.sha256[:12]})"
     )
     if config.covariates:

@@ -169,7 +169,17 @@ def run_predict(
     order = directory.patients()
     if not order:
         raise InputError(f"bag directory {bags} holds no valid bag; run `mil extract` first")
+    covariates = list(config.get("covariates") or [])
+    if covariates and patients is None:
+        raise ConfigError(
+            f"the models of {results} use covariates {covariates}: pass the new patients' table with --patients "
+            "(a missing value is imputed as in training, but a whole missing table is not)"
+        )
     rows = _patient_rows(Path(patients) if patients else None, order)
+    if covariates:
+        from mil.covariates import check_columns
+
+        check_columns(list(next(iter(rows.values()))), covariates, str(patients))
     loaded = {p: directory.load(p) for p in order}
     classes = list(config["classes"])
     truth = {p: rows[p]["diagnosis"].strip() for p in order if (rows[p].get("diagnosis") or "").strip()}

@@ -89,8 +89,8 @@ class Splits:
     def describe(self) -> str:
         if self.is_external:
             where = dict(self.external)
-            return f"external split (train {where['train_where']}, test {where['test_where']})"
-        return f"{self.folds}-fold"
+            return f"an external split (train {where['train_where']}, test {where['test_where']})"
+        return f"a {self.folds}-fold split"
 
     @property
     def sha256(self) -> str:
@@ -364,7 +364,7 @@ def _load_or_write(path: Path, wanted: Splits) -> tuple[Splits, bool]:
     stored = read_splits(path)
     if (stored.kind, stored.external) != (wanted.kind, wanted.external):
         raise ConfigError(
-            f"split file {path} holds a {stored.describe()}, but this run asks for a {wanted.describe()}. "
+            f"split file {path} holds {stored.describe()}, but this run asks for {wanted.describe()}. "
             "Write the results to a new --out folder (or delete the split file to make new splits)."
         )
     diff = _cohort_difference(stored, wanted.cohort)
