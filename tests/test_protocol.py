@@ -152,3 +152,9 @@ def test_paired_test_finds_a_real_gap_and_none_between_equal_heads():
     assert gap.diff > 0 and gap.lo > 0 and gap.p_value < 0.05
     auc = paired_bootstrap(y, good, probs, metric="auroc", n_boot=100)
     assert auc.diff > 0
+
+
+def test_a_cohort_with_one_diagnosis_is_a_clear_error():
+    """RELIABILITY 4 (issue 14, case 8): one diagnosis is a ConfigError naming it, not a scikit-learn traceback."""
+    with pytest.raises(ConfigError, match=r"single diagnosis \(AML\).*at least two"):
+        make_splits({f"P{i}": "AML" for i in range(10)}, folds=3, seeds=1)
