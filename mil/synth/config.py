@@ -144,8 +144,9 @@ class SynthConfig:
         taken = sorted(set(columns) & fixed)
         if taken:
             problems.append(f"covariates {taken} would overwrite a column of clinical.csv; rename them")
+        numeric = [c.name for c in self.covariates if c.kind in ("lognormal", "normal")]
         for c in self.covariates:
-            problems += c.problems(columns)
+            problems += c.problems(numeric)
         return problems
 
     def only_diagnoses(self, names: list[str] | tuple[str, ...]) -> SynthConfig:

@@ -59,7 +59,7 @@ class CovariateConfig:
         out["effect"] = {d: dict(e) if isinstance(e, dict) else e for d, e in self.effect.items()}
         return out
 
-    def problems(self, names: list[str]) -> list[str]:
+    def problems(self, numeric: list[str]) -> list[str]:
         # effects of diagnoses the cohort lacks are ignored: one table serves every subset (e.g. AML vs ALL)
         where, out = f"covariates.{self.name}", []
         if self.kind == "categorical":
@@ -76,8 +76,8 @@ class CovariateConfig:
         if self.kind == "share":
             if not 0 < self.mean < 1:
                 out.append(f"{where}.mean is a share and must lie in (0, 1) (got {self.mean})")
-            if self.of not in names[: names.index(self.name)]:
-                out.append(f"{where}.of = {self.of!r} must name a numeric covariate listed before {self.name!r}")
+            if self.of not in numeric:
+                out.append(f"{where}.of = {self.of!r} must name a lognormal or normal covariate; valid: {numeric}")
         if any(isinstance(e, dict) for e in self.effect.values()):
             out.append(f"{where}.effect must map each diagnosis to a number (SDs at covariate_strength 1)")
         return out
@@ -143,27 +143,30 @@ def draw_covariates(
 ) -> dict[str, str]:
     """`age` and every covariate of one patient as the strings clinical.csv holds ('' = missing)."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), COVARIATE_STREAM]))
+    # one draw per covariate in config order, then the values: shares after the counts they are shares of
+    draws = {spec.name: rng.random() if spec.kind == "categorical" else rng.standard_normal() for spec in covariates}
     values: dict[str, float] = {}
     out: dict[str, str] = {"age": str(age)}
-    for spec in covariates:
+    for spec in sorted(covariates, key=lambda c: c.kind == "share"):
         if spec.kind == "categorical":
             levels = list(spec.levels)
             shifts = spec.effect.get(diagnosis, {})
             logits = np.array([math.log(spec.levels[k]) + strength * shifts.get(k, 0.0) for k in levels])
             p = np.exp(logits - logits.max())
             cdf = np.cumsum(p / p.sum())
-            u = rng.random()
-            out[spec.name] = levels[min(int(np.searchsorted(cdf, u, side="right")), len(levels) - 1)]
+            values[spec.name] = min(int(np.searchsorted(cdf, draws[spec.name], side="right")), len(levels) - 1)
             continue
-        z = rng.standard_normal() + strength * spec.effect.get(diagnosis, 0.0)
+        z = draws[spec.name] + strength * spec.effect.get(diagnosis, 0.0)
         if spec.kind == "lognormal":
             value = spec.median * math.exp(spec.sd * z)
         elif spec.kind == "normal":
             value = spec.mean + spec.sd * z
         else:  # share of another covariate
             value = values[spec.of] * _sigmoid(math.log(spec.mean / (1 - spec.mean)) + spec.sd * z)
-        values[spec.name] = value = _clip(value, spec)
-        out[spec.name] = f"{value:.{max(spec.decimals, 0)}f}"
+        values[spec.name] = _clip(value, spec)
+    for spec in covariates:  # columns in config order
+        v = values[spec.name]
+        out[spec.name] = list(spec.levels)[v] if spec.kind == "categorical" else f"{v:.{max(spec.decimals, 0)}f}"
     # missingness last, from the same stream: blanking never changes the other values
     for name in out:
         if rng.random() < missing:
