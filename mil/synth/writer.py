@@ -115,10 +115,16 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 def _readme(config: SynthConfig, seed: int, summary: CohortSummary) -> str:
     counts = ", ".join(f"{k}: {v}" for k, v in summary.diagnoses.items())
+    centres = "".join(
+        f"  centre {name}: " + ", ".join(f"{k}: {v}" for k, v in n.items()) + "\n"
+        for name, n in summary.centres.items()
+        if len(summary.centres) > 1
+    )
     return (
         f"Synthetic bone-marrow cohort written by `mil synth` (cytomil {__version__}), seed {seed}.\n"
         f"{summary.patients} patients ({counts}), {summary.fields} fields, {summary.cells} cells, "
-        f"{summary.labelled_cells} labelled (at least {summary.min_labelled_per_patient} per patient).\n\n"
+        f"{summary.labelled_cells} labelled (at least {summary.min_labelled_per_patient} per patient).\n"
+        f"{centres}\n"
         "Layout (the Zenodo release of BoneMarrowWSI-PediatricLeukemia):\n"
         "  cells.csv     cell_id,slide_id,roi_id,x1,x2,y1,y2,consensus_label,label_session_1,label_session_2\n"
         "                + auer_rod (1 = the cell carries the morphology-only cue)\n"
