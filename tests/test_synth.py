@@ -92,8 +92,11 @@ def test_layout_and_boxes_inside_images(tmp_path: Path) -> None:
     zenodo = "cell_id,slide_id,roi_id,x1,x2,y1,y2,consensus_label,label_session_1,label_session_2"
     assert list(cells[0])[:10] == zenodo.split(",")
     assert "auer_rod" in cells[0]
-    assert list(clinical[0]) == ["patient_id", "age", "ncit_concept_code", "leukemia_type", "leukemia_subtype"]
-    assert (out / "clinical.csv").read_text().splitlines()[0].count(";") == 4
+    # the Zenodo release's columns first, then the centre and the synthetic covariates
+    zenodo_clinical = ["patient_id", "age", "ncit_concept_code", "leukemia_type", "leukemia_subtype"]
+    covariates = [c.name for c in load_synth_config().covariates]
+    assert list(clinical[0]) == zenodo_clinical + ["centre"] + covariates
+    assert (out / "clinical.csv").read_text().splitlines()[0].count(";") == 5 + len(covariates)
     assert len(rois) == 4 and len(clinical) == 2 and len(cells) == 4 * (12 + 1)
     assert len({c["cell_id"] for c in cells}) == len(cells)
     for roi in rois.values():

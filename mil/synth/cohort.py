@@ -11,10 +11,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mil.labels import load_label_map
+from mil.synth.centres import Centre
 from mil.synth.config import SynthConfig
+from mil.synth.covariates import draw_covariates, shifted_age
 from mil.synth.draw import Sprite, draw_cell, draw_erythrocytes, erythrocyte_half
 from mil.synth.morphology import ERYTHROCYTE_RADIUS, MORPHOLOGY
 from mil.synth.palette import Stain, render, sample_stain
+from mil.synth.shift import shift_stain
 
 ERYTHROCYTE = "erythrocyte"
 
@@ -45,17 +48,6 @@ def expected_compositions(config: SynthConfig) -> dict[str, np.ndarray]:
     return {name: (1 - config.overlap) * p + config.overlap * mean for name, p in own.items()}
 
 
-def assign_diagnoses(config: SynthConfig, rng: np.random.Generator) -> list[str]:
-    """Exactly proportional diagnoses (largest remainder), shuffled: stratified splits stay possible."""
-    share = np.array([d.proportion for d in config.diagnoses], dtype=np.float64)
-    share = share / share.sum() * config.patients
-    counts = np.floor(share).astype(int)
-    for i in np.argsort(-(share - counts), kind="stable")[: config.patients - counts.sum()]:
-        counts[i] += 1
-    diagnoses = [d.name for d, n in zip(config.diagnoses, counts) for _ in range(n)]
-    return [diagnoses[i] for i in rng.permutation(len(diagnoses))]
-
-
 @dataclass(kw_only=True)
 class Cell:
     """One labelled (or unlabelled) cell of a field, box in field pixels (x0, y0, x1, y1 exclusive)."""
@@ -84,6 +76,8 @@ class Patient:
     subtype: str
     ncit_concept_code: str
     age: int
+    centre: str = "A"
+    covariates: dict[str, str] = field(default_factory=dict)  # age and every covariate, '' where missing
     fields: list[Field] = field(default_factory=list)
 
 
@@ -164,19 +158,57 @@ def _labels(true: str, config: SynthConfig, rng: np.random.Generator, classes: t
     return consensus, s1, s2
 
 
-def make_patient(config: SynthConfig, seed: int, index: int, diagnosis: str, id_width: int = 3) -> Patient:
-    """One patient with all its fields drawn."""
+def make_patient(
+    config: SynthConfig,
+    seed: int,
+    index: int,
+    diagnosis: str,
+    id_width: int = 3,
+    centre: Centre | None = None,
+    *,
+    draw_fields: bool = True,
+) -> Patient:
+    """One patient with all its fields drawn (draw_fields=False: its clinical facts alone, much faster).
+
+    `centre` sets the fields per patient, the unlabelled share and the stain shift; None = the first centre
+    of a single-site cohort (the config as it is).
+    """
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
     spec = next(d for d in config.diagnoses if d.name == diagnosis)
     pid = f"SYN{index + 1:0{id_width}d}"
+    subtype = spec.subtypes[int(rng.integers(0, len(spec.subtypes)))] if spec.subtypes else ""
+    age = shifted_age(
+        int(rng.integers(config.age_range[0], config.age_range[1] + 1)),
+        diagnosis,
+        config.age_range,
+        config.age_effect,
+        config.covariate_strength,
+    )
+    covariates = draw_covariates(
+        config.covariates,
+        seed=seed,
+        index=index,
+        diagnosis=diagnosis,
+        strength=config.covariate_strength,
+        missing=config.covariate_missing,
+        age=age,
+    )
     patient = Patient(
         patient_id=pid,
         slide_id=f"{pid}_S1",
         diagnosis=diagnosis,
-        subtype=spec.subtypes[int(rng.integers(0, len(spec.subtypes)))] if spec.subtypes else "",
+        subtype=subtype,
         ncit_concept_code=spec.ncit_concept_code,
-        age=int(rng.integers(config.age_range[0], config.age_range[1] + 1)),
+        age=age,
+        centre=centre.name if centre else "A",
+        covariates=covariates,
     )
+    if not draw_fields:
+        return patient
+    if centre is not None:
+        config = config.replace(
+            fields_per_patient=centre.fields_per_patient, unlabelled_fraction=centre.unlabelled_fraction
+        )
     names, classes = nucleated_classes(), all_classes()
     expected = expected_compositions(config)[diagnosis]
     present = expected > 0
@@ -185,6 +217,8 @@ def make_patient(config: SynthConfig, seed: int, index: int, diagnosis: str, id_
     total = config.fields_per_patient * config.cells_per_field
     drawn = rng.choice(len(names), size=total, p=share / share.sum())
     stain = sample_stain(rng, config.stain_variation)
+    if centre is not None:
+        stain = shift_stain(stain, centre.index, centre.stain_shift)
     for f in range(config.fields_per_patient):
         roi_id = f"{pid}_R{f + 1:02d}"
         field_classes = [names[i] for i in drawn[f * config.cells_per_field : (f + 1) * config.cells_per_field]]

@@ -36,6 +36,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="scale of per-patient stain and scanner variation (0 = none)",
     )
+    parser.add_argument(
+        "--centres",
+        type=int,
+        default=None,
+        help="number of centres (sites) A, B, ...; the patient table gets a `centre` column (default 1; per-centre "
+        "prevalence, cells per patient and labelled share: centre_settings in the config)",
+    )
+    parser.add_argument(
+        "--stain-shift",
+        type=float,
+        default=None,
+        help="strength of the systematic stain and scanner difference of every centre but the first "
+        "(0 = none, 1 = a clearly different site; default from the config)",
+    )
+    parser.add_argument(
+        "--covariate-strength",
+        type=float,
+        default=None,
+        help="how strongly age, sex and the blood counts depend on the diagnosis: the diagnosis-specific means "
+        "move by this many times each covariate's `effect` SDs (0 = independent of the diagnosis)",
+    )
+    parser.add_argument(
+        "--covariate-missing", type=float, default=None, help="share of covariate values left blank (missing)"
+    )
+    parser.add_argument(
+        "--diagnoses",
+        default=None,
+        help="comma-separated subset of the config's diagnoses, e.g. AML,ALL for a binary cohort "
+        "(their proportions keep their ratios; the Auer-rod cue goes if AML is left out)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -54,10 +84,20 @@ def run(args: argparse.Namespace) -> int:
         cue_fraction=args.cue_fraction,
         cue=False if args.no_cue else None,
         stain_variation=args.stain_variation,
+        centres=args.centres,
+        stain_shift=args.stain_shift,
+        covariate_strength=args.covariate_strength,
+        covariate_missing=args.covariate_missing,
     )
+    if args.diagnoses:
+        config = config.only_diagnoses([d.strip() for d in args.diagnoses.split(",") if d.strip()])
     start = time.perf_counter()
     summary = write_cohort(config, args.out, seed=args.seed, progress=not args.quiet)
     counts = ", ".join(f"{k} {v}" for k, v in summary.diagnoses.items())
+    if len(summary.centres) > 1:
+        counts += "; " + "; ".join(
+            f"centre {c}: " + ", ".join(f"{k} {v}" for k, v in n.items() if v) for c, n in summary.centres.items()
+        )
     print(
         f"wrote {summary.patients} patients ({counts}), {summary.fields} fields, {summary.cells} cells "
         f"({summary.labelled_cells} labelled, >= {summary.min_labelled_per_patient} per patient) to {summary.out} "

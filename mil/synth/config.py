@@ -14,6 +14,8 @@ import yaml
 
 from mil.errors import ConfigError, refuse_unknown_keys
 from mil.labels import CONFIG_DIR, load_label_map
+from mil.synth.centres import MAX_CENTRES, CentreConfig, centre_from_dict, centre_names
+from mil.synth.covariates import CovariateConfig, covariate_from_dict
 
 DEFAULT_SYNTH_CONFIG = CONFIG_DIR / "synth.yaml"
 
@@ -61,6 +63,13 @@ class SynthConfig:
     age_range: tuple[int, int] = (1, 18)
     background: dict[str, float] = field(default_factory=dict)
     diagnoses: tuple[DiagnosisConfig, ...] = ()
+    centres: int = 1
+    stain_shift: float = 1.0
+    centre_settings: tuple[CentreConfig, ...] = ()
+    covariate_strength: float = 0.0
+    covariate_missing: float = 0.0
+    age_effect: dict[str, float] = field(default_factory=dict)
+    covariates: tuple[CovariateConfig, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -104,6 +113,7 @@ class SynthConfig:
             problems.append(f"cue_classes {bad_cue} are not nucleated classes")
         if self.diagnoses and sum(d.proportion for d in self.diagnoses) <= 0:
             problems.append("the diagnoses' proportions sum to 0")
+        problems += self._centre_and_covariate_problems(names)
         if problems:
             raise ConfigError(
                 "synth config is invalid:\n"
@@ -111,11 +121,67 @@ class SynthConfig:
                 + f"\nFix them in the YAML config (documented in {DEFAULT_SYNTH_CONFIG}) or the matching --option."
             )
 
+    def _centre_and_covariate_problems(self, diagnoses: list[str]) -> list[str]:
+        problems = []
+        if not 1 <= self.centres <= MAX_CENTRES:
+            problems.append(f"centres must lie in [1, {MAX_CENTRES}] (got {self.centres})")
+        if self.stain_shift < 0:
+            problems.append(f"stain_shift must be >= 0 (got {self.stain_shift})")
+        names = centre_names(max(1, min(self.centres, MAX_CENTRES)))
+        for c in self.centre_settings:
+            if c.name not in names:
+                problems.append(
+                    f"centre_settings names centre {c.name!r}, but the cohort has centres {list(names)}; "
+                    f"raise `centres` (--centres) or remove it"
+                )
+            problems += c.problems(diagnoses)
+        if self.covariate_strength < 0:
+            problems.append(f"covariate_strength must be >= 0 (got {self.covariate_strength})")
+        if not 0.0 <= self.covariate_missing <= 1.0:
+            problems.append(f"covariate_missing must lie in [0, 1] (got {self.covariate_missing})")
+        columns = [c.name for c in self.covariates]
+        fixed = {"patient_id", "age", "ncit_concept_code", "leukemia_type", "leukemia_subtype", "centre"}
+        taken = sorted(set(columns) & fixed)
+        if taken:
+            problems.append(f"covariates {taken} would overwrite a column of clinical.csv; rename them")
+        numeric = [c.name for c in self.covariates if c.kind in ("lognormal", "normal")]
+        for c in self.covariates:
+            problems += c.problems(numeric)
+        return problems
+
+    def only_diagnoses(self, names: list[str] | tuple[str, ...]) -> SynthConfig:
+        """The same cohort with only the named diagnoses (e.g. AML and ALL for a binary task).
+
+        Their proportions keep their ratios; covariate effects, age effects and per-centre proportions of the
+        dropped diagnoses go with them, and the Auer-rod cue goes if its diagnosis is dropped.
+        """
+        known = [d.name for d in self.diagnoses]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise ConfigError(f"--diagnoses {list(names)}: {unknown or 'none'} not in the config's diagnoses {known}")
+        keep = set(names)
+
+        def only(mapping):
+            return {k: v for k, v in mapping.items() if k in keep}
+
+        centres = tuple(
+            c if c.proportions is None else dataclasses.replace(c, proportions=only(c.proportions))
+            for c in self.centre_settings
+        )
+        return dataclasses.replace(
+            self,
+            diagnoses=tuple(d for d in self.diagnoses if d.name in keep),
+            cue=self.cue and self.cue_diagnosis in keep,
+            age_effect=only(self.age_effect),
+            covariates=tuple(dataclasses.replace(c, effect=only(c.effect)) for c in self.covariates),
+            centre_settings=centres,
+        )
+
     def to_dict(self) -> dict:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "diagnoses":
+            if f.name in ("diagnoses", "centre_settings", "covariates"):
                 value = {d.name: d.to_dict() for d in value}
             elif isinstance(value, tuple):
                 value = list(value)
@@ -150,6 +216,14 @@ def _diagnosis(name: str, spec: Any, source: str) -> DiagnosisConfig:
     )
 
 
+def _mapping(value: Any, key: str, source: str):
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key} must be a mapping of names to settings (got {type(value).__name__})")
+    return list(value.items())
+
+
 def config_from_dict(spec: dict, source: str = "synth config") -> SynthConfig:
     """Build a SynthConfig from a parsed YAML mapping; unknown keys raise ConfigError naming them."""
     if not isinstance(spec, dict):
@@ -160,7 +234,11 @@ def config_from_dict(spec: dict, source: str = "synth config") -> SynthConfig:
     for key, value in spec.items():
         if key == "diagnoses":
             kwargs[key] = tuple(_diagnosis(name, d, source) for name, d in (value or {}).items())
-        elif key == "background":
+        elif key == "centre_settings":
+            kwargs[key] = tuple(centre_from_dict(str(name), c, source) for name, c in _mapping(value, key, source))
+        elif key == "covariates":
+            kwargs[key] = tuple(covariate_from_dict(str(name), c, source) for name, c in _mapping(value, key, source))
+        elif key in ("background", "age_effect"):
             kwargs[key] = {str(k): float(v) for k, v in (value or {}).items()}
         elif key in ("cue_classes",):
             kwargs[key] = tuple(str(v) for v in value)

@@ -7,7 +7,7 @@ per-channel OD gain reads as a stain-batch hue shift rather than a flat colour c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -46,16 +46,26 @@ OD: dict[str, np.ndarray] = {name: optical_density(rgb) for name, rgb in COLOURS
 
 @dataclass(frozen=True)
 class Stain:
-    """One patient's stain batch and scanner: OD gains, white level, blur and sensor noise."""
+    """One patient's stain batch and scanner: OD gains, white level, blur and sensor noise.
+
+    The last three fields are a centre's systematic difference (mil.synth.shift); their defaults change nothing.
+    """
 
     channel_gain: np.ndarray  # (3,) per-channel OD gain: hue of the stain batch
     intensity: float  # overall stain strength
     white: np.ndarray  # (3,) scanner white balance, 0-255
     blur_sigma: float  # optics / focus
     noise_sigma: float  # sensor noise, grey levels
+    mixing: np.ndarray | None = None  # (3, 3) OD -> OD: the centre's stain recipe (eosin / methylene-blue balance)
+    tone_gamma: float = 1.0  # scanner tone curve: out = 255 * (in / 255) ** tone_gamma
+    jpeg_quality: int = 0  # the scanner's JPEG compression (0 = lossless)
 
     def od(self, material: str) -> np.ndarray:
-        return OD[material] * self.channel_gain * self.intensity
+        base = OD[material] if self.mixing is None else self.mixing @ OD[material]
+        return base * self.channel_gain * self.intensity
+
+    def replace(self, **changes) -> Stain:
+        return replace(self, **changes)
 
 
 def sample_stain(rng: np.random.Generator, variation: float) -> Stain:
@@ -78,4 +88,20 @@ def render(od: np.ndarray, stain: Stain, rng: np.random.Generator) -> np.ndarray
     od = gaussian_filter(od, sigma=(stain.blur_sigma, stain.blur_sigma, 0.0), mode="nearest")
     image = stain.white * np.exp(-od)
     image += rng.normal(0.0, stain.noise_sigma, size=image.shape[:2])[..., None].astype(np.float32)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    if stain.tone_gamma != 1.0:
+        image = 255.0 * (np.clip(image, 0.0, 255.0) / 255.0) ** np.float32(stain.tone_gamma)
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return jpeg_roundtrip(image, stain.jpeg_quality) if stain.jpeg_quality else image
+
+
+def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
+    """The image as a scanner that stores JPEG delivers it: 4:2:0 chroma, block artefacts, softer detail."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=int(quality), subsampling=2)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert("RGB"))

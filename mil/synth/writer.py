@@ -20,7 +20,8 @@ import yaml
 from mil import __version__
 from mil.atomic import atomic_path, atomic_write_text
 from mil.errors import InputError
-from mil.synth.cohort import Patient, assign_diagnoses, make_patient
+from mil.synth.centres import assign_patients
+from mil.synth.cohort import Patient, make_patient
 from mil.synth.config import SynthConfig
 
 CELL_COLUMNS = (
@@ -41,6 +42,32 @@ ROI_COLUMNS = ("roi_id", "slide_id", "patient_id", "image", "width", "height")
 CLINICAL_COLUMNS = ("patient_id", "age", "ncit_concept_code", "leukemia_type", "leukemia_subtype")
 
 
+def clinical_columns(config: SynthConfig) -> tuple[str, ...]:
+    """clinical.csv's columns: the Zenodo ones, then `centre` and the configured covariates."""
+    return CLINICAL_COLUMNS + ("centre",) + tuple(c.name for c in config.covariates)
+
+
+def clinical_row(patient: Patient) -> dict:
+    return dict(
+        patient_id=patient.patient_id,
+        ncit_concept_code=patient.ncit_concept_code,
+        leukemia_type=patient.diagnosis,
+        leukemia_subtype=patient.subtype,
+        centre=patient.centre,
+        **patient.covariates,  # age (possibly blanked) and the covariates
+    )
+
+
+def clinical_table(config: SynthConfig, seed: int = 0) -> list[dict]:
+    """The rows of clinical.csv that write_cohort writes for this config and seed, without drawing a cell."""
+    plan = assign_patients(config, np.random.default_rng(np.random.SeedSequence([int(seed)])))
+    width = max(3, len(str(config.patients)))
+    return [
+        clinical_row(make_patient(config, seed, i, diagnosis, id_width=width, centre=centre, draw_fields=False))
+        for i, (centre, diagnosis) in enumerate(plan)
+    ]
+
+
 @dataclass
 class CohortSummary:
     out: Path
@@ -50,6 +77,7 @@ class CohortSummary:
     labelled_cells: int
     min_labelled_per_patient: int
     diagnoses: dict[str, int]
+    centres: dict[str, dict[str, int]]  # centre -> diagnosis -> patients
 
 
 def _csv_text(columns: tuple[str, ...], rows: list[dict], delimiter: str = ",") -> str:
@@ -87,17 +115,24 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 def _readme(config: SynthConfig, seed: int, summary: CohortSummary) -> str:
     counts = ", ".join(f"{k}: {v}" for k, v in summary.diagnoses.items())
+    centres = "".join(
+        f"  centre {name}: " + ", ".join(f"{k}: {v}" for k, v in n.items()) + "\n"
+        for name, n in summary.centres.items()
+        if len(summary.centres) > 1
+    )
     return (
         f"Synthetic bone-marrow cohort written by `mil synth` (cytomil {__version__}), seed {seed}.\n"
         f"{summary.patients} patients ({counts}), {summary.fields} fields, {summary.cells} cells, "
-        f"{summary.labelled_cells} labelled (at least {summary.min_labelled_per_patient} per patient).\n\n"
+        f"{summary.labelled_cells} labelled (at least {summary.min_labelled_per_patient} per patient).\n"
+        f"{centres}\n"
         "Layout (the Zenodo release of BoneMarrowWSI-PediatricLeukemia):\n"
         "  cells.csv     cell_id,slide_id,roi_id,x1,x2,y1,y2,consensus_label,label_session_1,label_session_2\n"
         "                + auer_rod (1 = the cell carries the morphology-only cue)\n"
         "                + true_label (the class drawn, before label noise; ground truth for checks)\n"
         "                boxes in ROI-image pixels: x1 left, x2 right, y1 top, y2 bottom (x2, y2 exclusive)\n"
         "  rois.csv      roi_id,slide_id,patient_id,image,width,height (image relative to this folder)\n"
-        "  clinical.csv  patient_id;age;ncit_concept_code;leukemia_type;leukemia_subtype (';'-separated)\n"
+        "  clinical.csv  patient_id;age;ncit_concept_code;leukemia_type;leukemia_subtype;centre;<covariates>\n"
+        "                (';'-separated; a blank value is missing; configs/synth.yaml documents each covariate)\n"
         "  images/       one PNG per ROI (smear field)\n"
         "  synth_config.yaml  the config below; `mil synth --config synth_config.yaml --seed SEED` regenerates this\n\n"
         "Read it with: mil cells --format zenodo --input THIS_FOLDER --out CELLS_DIR\n\n"
@@ -111,11 +146,12 @@ def write_cohort(config: SynthConfig, out: str | Path, *, seed: int = 0, progres
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    diagnoses = assign_diagnoses(config, np.random.default_rng(np.random.SeedSequence([int(seed)])))
+    plan = assign_patients(config, np.random.default_rng(np.random.SeedSequence([int(seed)])))
     width = max(3, len(str(config.patients)))
     cell_rows, roi_rows, clinical_rows, labelled = [], [], [], []
     for index in tqdm(range(config.patients), desc="synth patients", unit="patient", disable=not progress):
-        patient: Patient = make_patient(config, seed, index, diagnoses[index], id_width=width)
+        centre, diagnosis = plan[index]
+        patient: Patient = make_patient(config, seed, index, diagnosis, id_width=width, centre=centre)
         n_labelled = 0
         for fld in patient.fields:
             _write_png(out / "images" / f"{fld.roi_id}.png", fld.image)
@@ -149,15 +185,7 @@ def write_cohort(config: SynthConfig, out: str | Path, *, seed: int = 0, progres
                 )
                 n_labelled += bool(c.consensus_label)
         labelled.append(n_labelled)
-        clinical_rows.append(
-            dict(
-                patient_id=patient.patient_id,
-                age=patient.age,
-                ncit_concept_code=patient.ncit_concept_code,
-                leukemia_type=patient.diagnosis,
-                leukemia_subtype=patient.subtype,
-            )
-        )
+        clinical_rows.append(clinical_row(patient))
     summary = CohortSummary(
         out=out,
         patients=config.patients,
@@ -165,14 +193,18 @@ def write_cohort(config: SynthConfig, out: str | Path, *, seed: int = 0, progres
         cells=len(cell_rows),
         labelled_cells=int(sum(labelled)),
         min_labelled_per_patient=int(min(labelled)),
-        diagnoses={d.name: diagnoses.count(d.name) for d in config.diagnoses},
+        diagnoses={d.name: sum(dx == d.name for _, dx in plan) for d in config.diagnoses},
+        centres={
+            c.name: {d.name: sum(cc.name == c.name and dx == d.name for cc, dx in plan) for d in config.diagnoses}
+            for c in dict.fromkeys(cc for cc, _ in plan)
+        },
     )
     atomic_write_text(out / "README.txt", _readme(config, seed, summary))
     # the resolved config, loadable by --config: the same seed and file regenerate this folder
     atomic_write_text(out / "synth_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, width=110))
     for name, columns, rows, delimiter in (
         ("rois.csv", ROI_COLUMNS, roi_rows, ","),
-        ("clinical.csv", CLINICAL_COLUMNS, clinical_rows, ";"),
+        ("clinical.csv", clinical_columns(config), clinical_rows, ";"),
         ("cells.csv", CELL_COLUMNS, cell_rows, ","),
     ):
         text = _csv_text(columns, rows, delimiter)
