@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_extract import extract
+from test_extract import assert_same_bags, extract
 
 from features.bags import BagDirectory, bag_path, read_bag
 from features.stain import file_sha256, fit_stain_norm, lab_statistics
@@ -136,6 +136,9 @@ def test_provenance_records_method_reference_sha256_and_statistics(tmp_path):
     report = json.loads((out / "extract_report.json").read_text())
     assert report["stain_norm"] == {"method": "reinhard", "reference": str(reference)}
     BagDirectory(out).check_consistent()
+    # DataLoader workers get the fitted normaliser by pickling: the same bags as the main process.
+    extract(cells, tmp_path / "workers", encoder=ENCODER, stain_norm="reinhard", stain_reference=reference, workers=2)
+    assert_same_bags(out, tmp_path / "workers")
 
 
 def test_bags_with_and_without_normalisation_or_of_two_references_are_not_mixed(tmp_path):
@@ -207,3 +210,7 @@ def test_cli_stain_options_and_their_refusals(tmp_path, capsys):
     assert code == 0
     assert "stain normalisation reinhard" in capsys.readouterr().err
     assert read_bag(bag_path(tmp_path / "c", "P00")).attrs["preprocess"]["stain_norm"]["method"] == "reinhard"
+    assert mil_main(["verify", str(tmp_path / "c")]) == 0
+    assert f"colour normalisation: reinhard to the reference with sha256 {file_sha256(reference)}" in (
+        capsys.readouterr().out
+    )
