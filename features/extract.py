@@ -274,6 +274,7 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
         raise ConfigError(f"--batch-size {config.batch_size} must be at least 1")
     if config.context < 0:
         raise ConfigError(f"--context {config.context} must be >= 0 (a fraction of the box size)")
+    stain_norm = _stain_norm(config, log)  # before anything is written: a missing reference is refused first
     table = read_cell_table(config.cells)
     groups = table.by_patient()
     bad_ids = [f"patient id {p!r} {r}" for p in groups if (r := unsafe_patient_id_reason(p))]
@@ -297,7 +298,6 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
     if removed:
         log(f"removed {len(removed)} temporary file(s) left by an interrupted run")
     preprocess: dict = {"context": config.context}
-    stain_norm = _stain_norm(config, log)
     if stain_norm is not None:  # absent when off: bags made before the option existed stay up to date
         preprocess["stain_norm"] = stain_norm.record()
     write_manifest(out, encoder_config=enc_config, preprocess=preprocess)

@@ -202,6 +202,7 @@ def test_cli_stain_options_and_their_refusals(tmp_path, capsys):
     base = ["extract", "--cells", str(cells), "--encoder", ENCODER, "--input-size", "32", "--workers", "0"]
     assert mil_main([*base, "--out", str(tmp_path / "a"), "--stain-norm", "reinhard"]) == 2
     assert "--stain-norm reinhard needs --stain-reference IMAGE" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # refused before anything was written
     assert mil_main([*base, "--out", str(tmp_path / "b"), "--stain-reference", str(reference)]) == 2
     assert "only used with --stain-norm reinhard" in capsys.readouterr().err
     code = mil_main(
