@@ -6,8 +6,10 @@ End to end = `run_extract` on a fresh folder: cell-table read, PNG/JPEG decode (
 transform, forward, HDF5 write with validate + fsync + rename. Model construction and process start are
 excluded (once per run, not per cell). The bare forward runs the same encoder on random tensors of exactly
 the batch shapes extraction used, in the same process, interleaved with the extraction runs so that load
-from other processes on a shared machine hits both alike. Reads: `read_bag` (validates, reads every array)
-and plain h5py `features` against np.load of the same arrays saved as .npy.
+from other processes on a shared machine hits both alike. One more run per repeat normalises every field's
+colours first (`--stain-norm reinhard`, one of the cohort's fields as reference) to show that option's cost.
+Reads: `read_bag` (validates, reads every array) and plain h5py `features` against np.load of the same
+arrays saved as .npy.
 """
 
 from __future__ import annotations
@@ -109,7 +111,10 @@ def bench_extract(args, work: Path) -> list[tuple[str, str]]:
     warm = ExtractConfig(cells=small, encoder=args.encoder, out=work / "warm" / "bags", input_size=args.input_size)
     warm.workers, warm.device, warm.progress = args.workers, args.device, False
     run_extract(warm, log=lambda m: None, encoder=encoder)
-    bare, ours, bare_cpu, ours_cpu = [], [], [], []
+    import torchstain.numpy.normalizers  # noqa: F401  (imported once here, not inside the first normalised run)
+
+    bare, ours, bare_cpu, ours_cpu, normed = [], [], [], [], []
+    reference = sorted((work / "cohort" / "fields").iterdir())[0]  # one of the cohort's own fields
     for rep in range(args.repeats):
         cpu0 = cpu_seconds()
         bare.append(n_cells / bare_forward(encoder, shapes, args.input_size, args.device))
@@ -132,8 +137,15 @@ def bench_extract(args, work: Path) -> list[tuple[str, str]]:
         ours_cpu.append(n_cells / (cpu_seconds() - cpu0))
         assert report.cells_embedded == n_cells and not report.failed
         ours.append(n_cells / seconds)
+        if not args.skip_stain_norm:  # the same run with every field Reinhard-normalised before cropping
+            config.out, config.stain_norm, config.stain_reference = work / f"normed{rep}", "reinhard", reference
+            start = time.perf_counter()
+            report = run_extract(config, log=lambda m: None, encoder=encoder)
+            assert report.cells_embedded == n_cells and not report.failed
+            normed.append(n_cells / (time.perf_counter() - start))
+        stain = f", with --stain-norm {normed[-1]:.0f} cells/s" if normed else ""
         print(
-            f"  repeat {rep}: bare {bare[-1]:.0f} cells/s, end to end {ours[-1]:.0f} cells/s "
+            f"  repeat {rep}: bare {bare[-1]:.0f} cells/s, end to end {ours[-1]:.0f} cells/s{stain} "
             f"(ratio {ours[-1] / bare[-1]:.2f}; per CPU-second {bare_cpu[-1]:.0f} vs {ours_cpu[-1]:.0f})",
             flush=True,
         )
@@ -143,13 +155,23 @@ def bench_extract(args, work: Path) -> list[tuple[str, str]]:
     workers = args.workers if args.workers is not None else "auto"
     what = f"{args.encoder} {args.input_size}px {args.device}, {args.format} fields, {n_cells} cells"
     what += f", batch {args.batch_size}"
-    return [
+    rows = [
         (f"bare encoder forward ({what})", f"{b:,.0f} cells/s"),
         (f"mil extract end to end (workers {workers}, threads {torch.get_num_threads()})", f"{o:,.0f} cells/s"),
         (f"end to end / bare forward, ratio of medians of {args.repeats}", f"{o / b:.2f}"),
         (f"end to end / bare forward, median of the {args.repeats} interleaved pairs", f"{paired:.2f}"),
         ("end to end / bare forward, cells per CPU-second of this process (robust to other load)", f"{cpu_ratio:.2f}"),
     ]
+    if normed:
+        n = statistics.median(normed)
+        rows.append(
+            (
+                f"mil extract end to end with --stain-norm reinhard ({args.field_side}px fields, "
+                f"{args.per_field} cells each)",
+                f"{n:,.0f} cells/s ({n / o:.2f} of without)",
+            )
+        )
+    return rows
 
 
 def cpu_seconds() -> float:
@@ -246,6 +268,7 @@ def main() -> None:
     parser.add_argument("--read-cells", type=int, default=2000)
     parser.add_argument("--read-dim", type=int, default=512)
     parser.add_argument("--skip-read", action="store_true")
+    parser.add_argument("--skip-stain-norm", action="store_true", help="leave out the --stain-norm reinhard runs")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp folder)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_extract_", dir=args.workdir))

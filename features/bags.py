@@ -423,8 +423,9 @@ class BagDirectory:
                 raise ConfigError(
                     f"bag directory {self.path} mixes encoders or preprocessing:\n"
                     f"  {reference[0]}: {reference[1]}\n  {p}: {desc}\n"
-                    "Extract every patient with one encoder (rerun `mil extract` with the same --encoder into this "
-                    "folder recomputes the stale bags), or use one folder per encoder."
+                    "Extract every patient with one encoder and preprocessing (rerunning `mil extract` with the same "
+                    "--encoder, --context and --stain-norm/--stain-reference into this folder recomputes the stale "
+                    "bags), or use one folder per encoder and preprocessing."
                 )
 
 

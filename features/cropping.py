@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mil.errors import InputError
+
 
 @dataclass(frozen=True)
 class ImageJob:
@@ -67,14 +69,20 @@ class FieldCrops(Dataset):
         transform: Callable[[np.ndarray], torch.Tensor],
         context: float = 0.0,
         out_dtype: torch.dtype = torch.float32,
+        stain_norm: Callable[..., np.ndarray] | None = None,
     ) -> None:
         self.jobs = jobs
         self.transform = transform
         self.context = context
         self.out_dtype = out_dtype
+        self.stain_norm = stain_norm  # applied to the whole field before cropping (features/stain.py says why)
 
     def __len__(self) -> int:
         return len(self.jobs)
+
+    def _all_skipped(self, i: int, reason: str) -> dict:
+        rows = self.jobs[i].rows
+        return {"job": i, "crops": None, "rows": np.zeros(0, dtype=np.int64), "skipped": [(r, reason) for r in rows]}
 
     def __getitem__(self, i: int) -> dict:
         job = self.jobs[i]
@@ -83,12 +91,12 @@ class FieldCrops(Dataset):
             image = load_rgb(job.image_path)
         except Exception as e:  # PIL raises many types for a broken or missing file
             reason = f"image {job.image_path} cannot be read ({type(e).__name__}: {e}); replace the file"
-            return {
-                "job": i,
-                "crops": None,
-                "rows": np.zeros(0, dtype=np.int64),
-                "skipped": [(r, reason) for r in job.rows],
-            }
+            return self._all_skipped(i, reason)
+        if self.stain_norm is not None:
+            try:
+                image = self.stain_norm(image, where=f"field image {job.image_path}")
+            except InputError as e:
+                return self._all_skipped(i, str(e))
         height, width = image.shape[:2]
         crops, rows = [], []
         for row, box in zip(job.rows, job.boxes):

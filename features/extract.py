@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from features.cropping import FieldCrops, ImageJob, keep_item, worker_init
 from mil.atomic import atomic_write_text, leftover_temp_files
 from mil.cell_table import CellTable, read_cell_table, unsafe_patient_id_reason
 from mil.errors import ConfigError, InputError, listing
-from mil.labels import DROP, identity_label_map, load_label_map
+from mil.labels import DEFAULT_LABEL_MAP, DROP, identity_label_map, load_label_map
 
 
 @dataclass
@@ -62,6 +63,8 @@ class ExtractConfig:
     context: float = 0.0  # box margin, as a fraction of the box size on each side
     label_map: Path | None = None
     progress: bool | None = None  # None: a bar only on a terminal
+    stain_norm: str | None = None  # None: off; "reinhard": each field matched to stain_reference (features/stain.py)
+    stain_reference: Path | None = None
 
 
 @dataclass
@@ -111,12 +114,16 @@ def shard_patients(patients: list[str], index: int, count: int) -> list[str]:
     return [p for i, p in enumerate(sorted(patients)) if i % count == index]
 
 
-def label_classes(table: CellTable, label_map_path: Path | None) -> tuple[list[str], dict[str, int]]:
-    """Class list and label -> index, from the label map when it knows every label, else the table's own labels.
+def label_classes(
+    table: CellTable, label_map_path: Path | None, log: Callable[[str], None] | None = None
+) -> tuple[list[str], dict[str, int]]:
+    """Class list and label -> index, from the label map when it knows every label, else the table's own labels
+    (said in one line with every label and its count, never silently).
 
     Computed on the whole table (before sharding) so every shard stores the same class list.
     """
-    labels = sorted({r["label"] for r in table.rows if r["label"] and r["label"] != DROP})
+    counts = Counter(r["label"] for r in table.rows if r["label"] and r["label"] != DROP)
+    labels = sorted(counts)
     label_map = load_label_map(label_map_path)
     unknown = [lab for lab in labels if label_map.lookup(lab) is None]
     if unknown and label_map_path is not None:
@@ -126,6 +133,13 @@ def label_classes(table: CellTable, label_map_path: Path | None) -> tuple[list[s
         )
     if unknown:
         label_map = identity_label_map(labels, name="cell-table")
+        found = ", ".join(f"{lab} {n}" for lab, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        default = f"{DEFAULT_LABEL_MAP.parent.name}/{DEFAULT_LABEL_MAP.name}"
+        (log or print)(
+            f"note: {len(unknown)} of the {len(labels)} cell labels of {table.path} are not in label map {default} "
+            f"(e.g. {unknown[0]!r}), so the bags keep the table's own {len(labels)} classes (label cells): {found}; "
+            "pass --label-map FILE to map them to a map's classes"
+        )
     index = {}
     for lab in labels:
         cls = label_map.lookup(lab)
@@ -260,12 +274,13 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
         raise ConfigError(f"--batch-size {config.batch_size} must be at least 1")
     if config.context < 0:
         raise ConfigError(f"--context {config.context} must be >= 0 (a fraction of the box size)")
+    stain_norm = _stain_norm(config, log)  # before anything is written: a missing reference is refused first
     table = read_cell_table(config.cells)
     groups = table.by_patient()
     bad_ids = [f"patient id {p!r} {r}" for p in groups if (r := unsafe_patient_id_reason(p))]
     if bad_ids:
         raise InputError(f"cell table {config.cells} has unusable patient ids:\n{listing(bad_ids)}\nRename them.")
-    classes, label_index = label_classes(table, config.label_map)
+    classes, label_index = label_classes(table, config.label_map, log)
     patients = shard_patients(list(groups), *config.shard)
 
     # Width checked against the folder before any compute: from the registry entry when it declares one
@@ -282,7 +297,9 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
     removed = _remove_temp_files(out, patients, config.shard)
     if removed:
         log(f"removed {len(removed)} temporary file(s) left by an interrupted run")
-    preprocess = {"context": config.context}
+    preprocess: dict = {"context": config.context}
+    if stain_norm is not None:  # absent when off: bags made before the option existed stay up to date
+        preprocess["stain_norm"] = stain_norm.record()
     write_manifest(out, encoder_config=enc_config, preprocess=preprocess)
 
     work: list[_PatientWork] = []
@@ -313,7 +330,11 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
     workers = config.workers if config.workers is not None else choose_workers(config.device)
     out_dtype = torch.bfloat16 if embed.cuda else torch.float32  # autocast casts to bf16 anyway; halves IPC
     dataset = FieldCrops(
-        jobs=jobs, transform=crop_transform(encoder.config), context=config.context, out_dtype=out_dtype
+        jobs=jobs,
+        transform=crop_transform(encoder.config),
+        context=config.context,
+        out_dtype=out_dtype,
+        stain_norm=stain_norm,
     )
     loader = DataLoader(
         dataset,
@@ -412,11 +433,32 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
     return report
 
 
+def _stain_norm(config: ExtractConfig, log: Callable[[str], None]):
+    """The fitted normaliser of --stain-norm, or None when off; --stain-reference alone is an error."""
+    if config.stain_norm in (None, "none"):
+        if config.stain_reference is not None:
+            raise ConfigError(
+                f"--stain-reference {config.stain_reference} is only used with --stain-norm reinhard; add that "
+                "option, or leave --stain-reference out to extract without colour normalisation"
+            )
+        return None
+    from features.stain import fit_stain_norm
+
+    norm = fit_stain_norm(config.stain_norm, config.stain_reference)
+    log(
+        f"stain normalisation {config.stain_norm}: every field image matched to {config.stain_reference} "
+        f"(sha256 {norm.reference_sha256[:12]}, LAB mean {list(norm.lab_mean)}, std {list(norm.lab_std)})"
+    )
+    return norm
+
+
 def _write_report(out: Path, config: ExtractConfig, report: ExtractReport) -> Path:
     """The run's report beside the bags; one per shard, so parallel shards never write the same file."""
     index, count = config.shard
     name = _report_name(config.shard)
     payload = {"encoder": config.encoder, "cells": str(config.cells), "shard": f"{index}/{count}", **report.to_dict()}
+    if config.stain_norm not in (None, "none"):
+        payload["stain_norm"] = {"method": config.stain_norm, "reference": str(config.stain_reference)}
     path = out / name
     atomic_write_text(
         path, json.dumps(payload, indent=2, default=str) + "\n", validate=lambda p: json.loads(p.read_text())

@@ -72,6 +72,20 @@ def test_counts_from_truth_hard_and_soft():
         cell_counts(no_probs, "hard")
 
 
+def test_truth_counts_of_bags_without_labelled_cells_are_an_error_naming_the_fix():
+    bags, _ = cohort_bags(n_per_class=2, probs=True)
+    for bag in bags.values():
+        bag.label[:] = -1
+    with pytest.raises(InputError, match=r"none of the 6 bag\(s\) has a labelled cell.*P00.*--counts hard") as e:
+        build_count_data(bags, source="truth")
+    assert "classifier.file" in str(e.value) and "column `label`" in str(e.value)
+    assert build_count_data(bags, source="soft").differential.sum(axis=1) == pytest.approx(1.0)  # the fix works
+    bags, _ = cohort_bags(n_per_class=2)
+    bags["P03"].label[:] = -1
+    with pytest.raises(InputError, match=r"1 of the 6 bag\(s\) have no labelled cell .*: P03\."):
+        build_count_data(bags, source="truth")
+
+
 def test_differential_shares_groups_and_metadata(tmp_path):
     bags, _ = cohort_bags(2)
     data = build_count_data(bags, source="truth")

@@ -119,12 +119,29 @@ def _rows(cells: Path) -> list[dict]:
     return read_cell_table(cells).rows
 
 
-def test_labels_outside_the_label_map_keep_the_tables_own_classes(tmp_path):
+def test_labels_outside_the_label_map_keep_the_tables_own_classes_and_say_so_in_one_line(tmp_path):
     cells = make_cohort(tmp_path, patients=1, cells=8, labels=("RBC", "WBC", "Platelets"))
-    extract(cells, tmp_path / "bags", encoder="morphology.handcrafted")
+    config = ExtractConfig(cells=cells, encoder="morphology.handcrafted", out=tmp_path / "bags", workers=0)
+    lines: list[str] = []
+    run_extract(config, log=lines.append)
     bag = read_bag(bag_path(tmp_path / "bags", "P00"))
     assert bag.label_classes == ["Platelets", "RBC", "WBC"]
     assert set(bag.label.tolist()) <= {-1, 0, 1, 2}
+    (note,) = [line for line in lines if "table's own" in line]
+    counts = {lab: sum(r["label"] == lab for r in _rows(cells)) for lab in bag.label_classes}
+    assert all(f"{lab} {n}" in note for lab, n in counts.items() if n) and "--label-map FILE" in note
+    # Labels the map knows need no note.
+    lines.clear()
+    run_extract(
+        ExtractConfig(
+            cells=make_cohort(tmp_path / "known"),
+            encoder="morphology.handcrafted",
+            out=tmp_path / "known_bags",
+            workers=0,
+        ),
+        log=lines.append,
+    )
+    assert not [line for line in lines if "table's own" in line]
 
 
 def test_rerun_skips_valid_bags_and_recomputes_stale_ones(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mil.errors import ConfigError
-from mil.heads import EmptyBagError, create_head, list_heads, register_head
+from mil.heads import EmptyBagError, create_head, head_class, list_heads, register_head
 from mil.heads.common import MilHead
 
 torch.set_num_threads(1)
@@ -133,11 +133,19 @@ def test_covariates_reach_the_logits_and_leave_attention_alone(name):
         head(x, mask)
 
 
-def test_mil_heads_command_lists_every_head(capsys):
+def test_mil_heads_command_lists_every_attention_and_count_head_with_a_description(capsys):
     from mil.cli import main
+    from mil.count.registry import count_head_class, list_count_heads
+    from mil.heads.command import describe
 
     assert main(["heads", "--names"]) == 0
-    assert capsys.readouterr().out.split() == list_heads()
+    assert capsys.readouterr().out.split() == list_heads() + list_count_heads()
     assert main(["heads"]) == 0
-    table = capsys.readouterr().out
-    assert "clam_mb" in table and "(C, N)" in table
+    table = capsys.readouterr().out.splitlines()
+    heads = [(n, head_class(n)) for n in list_heads()] + [(n, count_head_class(n)) for n in list_count_heads()]
+    for name, cls in heads:
+        assert describe(cls), f"head {name} needs a one-line class docstring (what `mil heads` prints)"
+        (line,) = [row for row in table if row.split()[:1] == [name]]  # exactly one line per head
+        assert describe(cls) in line
+    assert any("clam_mb" in row and "(C, N)" in row for row in table)
+    assert not any("compare --help" in row for row in table)

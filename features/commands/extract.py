@@ -26,6 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float16", "float32"), help="stored feature type")
     parser.add_argument("--context", type=float, default=0.0, help="margin around each box, fraction of its size")
     parser.add_argument("--label-map", type=Path, default=None, help="label map YAML (default configs/label_map.yaml)")
+    parser.add_argument(
+        "--stain-norm",
+        default="none",
+        choices=("none", "reinhard"),
+        help="colour normalisation of each field image before cropping (default none); reinhard: match the LAB "
+        "mean/std of --stain-reference (recorded in every bag)",
+    )
+    parser.add_argument(
+        "--stain-reference", type=Path, default=None, help="reference field image for --stain-norm reinhard"
+    )
     bar = parser.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
@@ -48,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         context=args.context,
         label_map=args.label_map,
         progress=args.progress,
+        stain_norm=None if args.stain_norm == "none" else args.stain_norm,
+        stain_reference=args.stain_reference,
     )
     report = run_extract(config)
     skipped = sum(len(v) for v in report.skipped_cells.values())

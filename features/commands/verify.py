@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         mixed = str(e)
     print(f"\n{len(files) - len(invalid)} valid, {len(invalid)} invalid bag(s) in {args.bags}")
+    stain = ((directory.manifest or {}).get("preprocess") or {}).get("stain_norm")
+    if stain:
+        print(f"colour normalisation: {stain['method']} to the reference with sha256 {stain['reference_sha256']}")
     for path, problems in invalid:
         print(f"{path.name}: " + "; ".join(problems))
     if invalid:

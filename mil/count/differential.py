@@ -154,6 +154,24 @@ def _group_matrix(classes: list[str], groups: dict[str, tuple[str, ...]]) -> tup
     return matrix, names
 
 
+def _refuse_unlabelled(patients: list[str], counts: np.ndarray) -> None:
+    """Ground-truth counts of a bag without a labelled cell are all zero: count heads would score chance, silently."""
+    empty = [p for p, row in zip(patients, counts) if row.sum() == 0]
+    if not empty:
+        return
+    n = len(patients)
+    who = f"none of the {n} bag(s) has a" if len(empty) == n else f"{len(empty)} of the {n} bag(s) have no"
+    shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    raise InputError(
+        f"count heads with --counts truth count the cells' labels, but {who} labelled cell (every label "
+        f"is -1): {shown}. Their differential would be all zero and the count heads "
+        "would score chance. Either give those cells labels (column `label` of the cell table, then `mil extract` "
+        "again), or count with a cell classifier: `mil train-classifier` on labelled cells, `mil extract --encoder "
+        "classifier.file --weights CLASSIFIER.pt` (bags with cell_probs; `mil classify` shows its calls), then "
+        "`--counts hard` or `--counts soft`; or leave the count heads out (attention heads need no labels)."
+    )
+
+
 def build_count_data(
     bags: dict[str, object],
     *,
@@ -180,6 +198,8 @@ def build_count_data(
     if problems:
         raise InputError(f"bags disagree on their cell classes (mixed label maps?):\n{listing(problems)}")
     counts = np.stack(rows)
+    if source == "truth":
+        _refuse_unlabelled(patients, counts)
     total = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
     names = list(classes)

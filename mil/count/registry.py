@@ -36,12 +36,17 @@ def is_count_head(name: str) -> bool:
     return name in _COUNT_HEADS
 
 
-def create_count_head(name: str, **kwargs):
-    """A fresh, unfitted head; unknown names list the valid ones, unknown kwargs name the head's options."""
+def count_head_class(name: str) -> Callable:
+    """The registered class of count head `name`; an unknown name lists the valid ones."""
     _ensure_builtin()
     if name not in _COUNT_HEADS:
         raise ConfigError(f"unknown count head {name!r}; registered: {', '.join(sorted(_COUNT_HEADS))}")
-    cls = _COUNT_HEADS[name]
+    return _COUNT_HEADS[name]
+
+
+def create_count_head(name: str, **kwargs):
+    """A fresh, unfitted head; unknown names list the valid ones, unknown kwargs name the head's options."""
+    cls = count_head_class(name)
     try:
         return cls(**kwargs)
     except TypeError as e:

@@ -18,6 +18,8 @@ from mil.heads.registry import register_head
 
 @register_head("abmil")
 class ABMIL(MilHead):
+    """Gated attention-MIL (Ilse et al. 2018): attention-weighted mean of the cells."""
+
     multi_branch = False
     reads_padding = False
 

@@ -18,6 +18,8 @@ from mil.heads.registry import register_head
 
 @register_head("clam_mb")
 class ClamMB(MilHead):
+    """Multi-branch gated attention (CLAM-MB, SCEMILA): one attention branch per diagnosis."""
+
     multi_branch = True
     reads_padding = False  # the per-cell layers run on the real cells only
 

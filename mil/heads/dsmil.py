@@ -19,6 +19,8 @@ from mil.heads.registry import register_head
 
 @register_head("dsmil")
 class DSMIL(MilHead):
+    """DSMIL (Li et al. 2021): cells weighted by similarity to each class's critical cell."""
+
     multi_branch = True
     attention_meaning = "softmax similarity of the cell's query to the class's critical cell"
 

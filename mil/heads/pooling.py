@@ -19,6 +19,8 @@ from mil.heads.registry import register_head
 
 @register_head("mean")
 class MeanPool(MilHead):
+    """Mean-pooling baseline: mean of the projected cells, linear classifier."""
+
     multi_branch = False
     attention_meaning = "uniform weight 1/n (mean pooling)"
     reads_padding = False  # the projection runs on the real cells only
@@ -41,6 +43,8 @@ class MeanPool(MilHead):
 
 @register_head("max")
 class MaxPool(MilHead):
+    """Max-pooling baseline: per-dimension max of the projected cells, linear classifier."""
+
     multi_branch = False
     attention_meaning = "share of hidden dimensions where the cell is the maximum (max pooling)"
 

@@ -70,6 +70,8 @@ class PPEG(nn.Module):
 
 @register_head("transmil")
 class TransMIL(MilHead):
+    """TransMIL (Shao et al. 2021): self-attention over the cells, read out by a class token."""
+
     multi_branch = False
     attention_meaning = "class-token attention to the cell in the last layer, mean over heads"
 
