@@ -121,8 +121,8 @@ def test_two_centre_cohort_on_disk_honours_fields_labels_and_goes_through_zenodo
 
 
 def test_stain_shift_changes_only_the_colours_of_the_other_centres(tmp_path: Path) -> None:
-    def cohort(name: str, shift: float) -> Path:
-        config = load_synth_config().replace(patients=4, centres=2, stain_shift=shift, **TINY)
+    def cohort(name: str, shift: float, **yaml_keys) -> Path:
+        config = _config(patients=4, centres=2, stain_shift=shift, **TINY, **yaml_keys)
         write_cohort(config, tmp_path / name, seed=4, progress=False)
         return tmp_path / name
 
@@ -149,6 +149,15 @@ def test_stain_shift_changes_only_the_colours_of_the_other_centres(tmp_path: Pat
         before.append(np.linalg.norm(m - r, axis=1).mean())
         after.append(np.linalg.norm(matched - r, axis=1).mean())
     assert np.mean(after) < 0.5 * np.mean(before), (before, after)
+
+    # a centre's JPEG scanner: lossy pixels, same cells, same colours on average; the other centre untouched
+    jpeg = cohort("jpeg", 0.0, centre_settings={"B": {"jpeg_quality": 40}})
+    assert _sha(jpeg / "cells.csv") == _sha(none / "cells.csv")
+    assert all(_sha(jpeg / i) == _sha(none / i) for i in images["A"])
+    for image in images["B"]:
+        a, b = (np.asarray(Image.open(root / image)).astype(float) for root in (none, jpeg))
+        assert 0.5 < np.abs(a - b).mean() < 10
+    assert np.linalg.norm(_mean_lab([jpeg / i for i in images["B"]]) - lab["B", "0"]) < 1.5
 
 
 def _auroc(rows: list[dict], column: str, positive: str, negative: str) -> float:

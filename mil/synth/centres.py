@@ -15,7 +15,7 @@ import numpy as np
 
 from mil.errors import ConfigError, refuse_unknown_keys
 
-CENTRE_KEYS = ("share", "stain_shift", "cells_per_patient_scale", "unlabelled_fraction", "proportions")
+CENTRE_KEYS = ("share", "stain_shift", "cells_per_patient_scale", "unlabelled_fraction", "proportions", "jpeg_quality")
 MAX_CENTRES = len(string.ascii_uppercase)
 
 
@@ -33,6 +33,7 @@ class CentreConfig:
     cells_per_patient_scale: float = 1.0
     unlabelled_fraction: float | None = None
     proportions: dict[str, float] | None = None
+    jpeg_quality: int = 0
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"share": self.share, "cells_per_patient_scale": self.cells_per_patient_scale}
@@ -41,6 +42,8 @@ class CentreConfig:
                 out[key] = getattr(self, key)
         if self.proportions is not None:
             out["proportions"] = dict(self.proportions)
+        if self.jpeg_quality:
+            out["jpeg_quality"] = self.jpeg_quality
         return out
 
     def problems(self, diagnoses: list[str]) -> list[str]:
@@ -51,6 +54,8 @@ class CentreConfig:
             out.append(f"{where}.stain_shift must be >= 0 (got {self.stain_shift})")
         if self.cells_per_patient_scale <= 0:
             out.append(f"{where}.cells_per_patient_scale must be > 0 (got {self.cells_per_patient_scale})")
+        if not 0 <= self.jpeg_quality <= 95:
+            out.append(f"{where}.jpeg_quality must lie in [1, 95], or 0 for lossless (got {self.jpeg_quality})")
         if self.unlabelled_fraction is not None and not 0 <= self.unlabelled_fraction <= 1:
             out.append(f"{where}.unlabelled_fraction must lie in [0, 1] (got {self.unlabelled_fraction})")
         if self.proportions is not None:
@@ -71,6 +76,8 @@ def centre_from_dict(name: str, spec: Any, source: str) -> CentreConfig:
         for key in ("share", "stain_shift", "cells_per_patient_scale", "unlabelled_fraction"):
             if spec.get(key) is not None:
                 kwargs[key] = float(spec[key])
+        if spec.get("jpeg_quality") is not None:
+            kwargs["jpeg_quality"] = int(spec["jpeg_quality"])
         if spec.get("proportions") is not None:
             kwargs["proportions"] = {str(k): float(v) for k, v in spec["proportions"].items()}
     except (TypeError, ValueError, AttributeError) as e:
@@ -89,6 +96,7 @@ class Centre:
     fields_per_patient: int
     unlabelled_fraction: float
     proportions: tuple[float, ...]  # one per diagnosis of the config, in its order
+    jpeg_quality: int = 0
 
 
 def largest_remainder(weights: list[float] | np.ndarray, total: int) -> np.ndarray:
@@ -130,6 +138,7 @@ def resolve_centres(config) -> list[Centre]:
                     else spec.unlabelled_fraction
                 ),
                 proportions=proportions,
+                jpeg_quality=spec.jpeg_quality if spec else 0,
             )
         )
     return centres

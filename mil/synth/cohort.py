@@ -218,7 +218,7 @@ def make_patient(
     drawn = rng.choice(len(names), size=total, p=share / share.sum())
     stain = sample_stain(rng, config.stain_variation)
     if centre is not None:
-        stain = shift_stain(stain, centre.index, centre.stain_shift)
+        stain = shift_stain(stain, centre.index, centre.stain_shift, centre.jpeg_quality)
     for f in range(config.fields_per_patient):
         roi_id = f"{pid}_R{f + 1:02d}"
         field_classes = [names[i] for i in drawn[f * config.cells_per_field : (f + 1) * config.cells_per_field]]

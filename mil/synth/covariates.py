@@ -124,7 +124,9 @@ def _clip(value: float, spec: CovariateConfig) -> float:
     return value
 
 
-def shifted_age(draw: int, diagnosis: str, age_range: tuple[int, int], effect: dict[str, float], strength: float):
+def shifted_age(
+    draw: int, diagnosis: str, age_range: tuple[int, int], effect: dict[str, float], strength: float
+) -> int:
     """The patient's age: its uniform draw moved by strength * effect SDs of the age range, kept inside it."""
     lo, hi = age_range
     shift = strength * effect.get(diagnosis, 0.0) * (hi - lo + 1) / math.sqrt(12.0)
@@ -163,7 +165,8 @@ def draw_covariates(
             value = spec.mean + spec.sd * z
         else:  # share of another covariate
             value = values[spec.of] * _sigmoid(math.log(spec.mean / (1 - spec.mean)) + spec.sd * z)
-        values[spec.name] = _clip(value, spec)
+        # a share is taken of the value as written, so a lymphocyte count never exceeds the written wbc_count
+        values[spec.name] = round(_clip(value, spec), max(spec.decimals, 0))
     for spec in covariates:  # columns in config order
         v = values[spec.name]
         out[spec.name] = list(spec.levels)[v] if spec.kind == "categorical" else f"{v:.{max(spec.decimals, 0)}f}"

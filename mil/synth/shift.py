@@ -5,10 +5,11 @@ A centre other than the first has its own staining recipe and scanner. At streng
     (colour deconvolution in OD space: OD' = B diag(1 + S e, 1 + S b, 1) B^-1 OD), plus per-channel OD gains
     and an overall stain strength;
   - scanner: white balance and brightness (a per-channel scale of the white level), a tone curve
-    (gamma), extra optical blur and JPEG compression at quality 95 - 25 S.
+    (gamma) and slightly softer optics (+0.25 S px blur).
 It is a colour and intensity transform (cell shapes, sizes and positions are unchanged), so per-channel LAB
-mean/std matching (Reinhard normalisation) removes most of it. Nothing here draws from the patient's random
-stream: a patient's cells and layout are the same at every strength; only its colours change.
+mean/std matching (Reinhard normalisation) removes most of it. JPEG compression, which colour normalisation
+cannot undo, is a separate per-centre setting (`jpeg_quality`), off unless asked for. Nothing here draws from
+the patient's random stream: a patient's cells and layout are the same at every strength; only colours change.
 
 Centre B has the hand-set profile below; centres C, D, ... get profiles of the same size in other directions,
 drawn from a stream that depends on the centre alone (not on the seed), so every cohort's B (or C) looks alike.
@@ -38,7 +39,6 @@ class Profile:
     white: tuple[float, float, float]  # relative white level per channel (white balance and brightness)
     gamma: float  # change of the tone-curve exponent
     blur: float  # extra blur sigma in pixels
-    jpeg: float  # quality drop below 95 per unit strength (0 = no JPEG)
 
 
 # A warm, eosin-heavy stain with weaker blue (paler, redder nuclei), on a yellowish, darker, softer scanner.
@@ -49,8 +49,7 @@ CENTRE_B = Profile(
     intensity=-0.1,
     white=(0.0, -0.03, -0.1),
     gamma=0.3,
-    blur=0.5,
-    jpeg=25.0,
+    blur=0.25,
 )
 
 
@@ -75,7 +74,6 @@ def profile(centre_index: int) -> Profile | None:
         white=tuple(float(v) for v in -np.abs(vary(b.white[::-1]))),  # a white level can only drop below 255
         gamma=float(vary(b.gamma)),
         blur=float(b.blur * rng.uniform(0.6, 1.2)),
-        jpeg=float(b.jpeg * rng.uniform(0.6, 1.2)),
     )
 
 
@@ -88,8 +86,11 @@ def _mixing(eosin: float, blue: float) -> np.ndarray:
     return (basis @ scale @ np.linalg.inv(basis)).astype(np.float32)
 
 
-def shift_stain(stain: Stain, centre_index: int, strength: float) -> Stain:
-    """The patient's stain as centre `centre_index` shows it at shift `strength` (0: unchanged, same object)."""
+def shift_stain(stain: Stain, centre_index: int, strength: float, jpeg_quality: int = 0) -> Stain:
+    """The patient's stain as centre `centre_index` shows it at shift `strength` (0: unchanged, same object),
+    stored as JPEG of `jpeg_quality` (0 = lossless)."""
+    if jpeg_quality:
+        stain = stain.replace(jpeg_quality=int(jpeg_quality))
     p = profile(centre_index)
     s = float(strength)
     if p is None or s == 0.0:
@@ -103,5 +104,4 @@ def shift_stain(stain: Stain, centre_index: int, strength: float) -> Stain:
         blur_sigma=float(stain.blur_sigma + s * p.blur),
         mixing=_mixing(s * p.eosin, s * p.blue),
         tone_gamma=float(max(1.0 + s * p.gamma, 0.3)),
-        jpeg_quality=int(np.clip(round(95 - s * p.jpeg), 10, 95)) if p.jpeg > 0 else 0,
     )
