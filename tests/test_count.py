@@ -151,3 +151,25 @@ def test_crossfit_check_refuses_a_classifier_that_saw_a_test_patient():
         check_crossfit(fold, fold["train_patients"] + fold["test_patients"][:1], where="fold0")
     with pytest.raises(InputError, match="not recorded"):
         check_crossfit(fold, None, where="fold0")
+
+
+def test_heads_that_never_read_the_differential_run_on_unlabelled_bags(tmp_path):
+    """count.meta and count.covariates read no cell class, so bags without labels are fine for them alone."""
+    import numpy as np
+    from test_compare import DIAGNOSES, fake_bag
+
+    from features.bags import write_bag
+    from mil.cell_table import PatientTable
+    from mil.compare import load_compare_config, run_compare
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        bag = fake_bag(f"P{i:02d}", i % 3, rng)
+        bag.label[:] = -1
+        write_bag(tmp_path / "bags" / f"P{i:02d}.h5", bag)
+        rows.append({"patient_id": f"P{i:02d}", "diagnosis": DIAGNOSES[i % 3], "age": str(i)})
+    PatientTable(rows=rows).write(tmp_path / "p.csv")
+    config = load_compare_config(None, heads="count.meta", folds=3, seeds=1, n_boot=100, covariates="age")
+    result = run_compare(config, bags=tmp_path / "bags", patients=tmp_path / "p.csv", out=tmp_path / "r", log=print)
+    assert set(result.probs) == {"count.meta", "count.covariates"}

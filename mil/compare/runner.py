@@ -20,7 +20,14 @@ import numpy as np
 from mil.atomic import atomic_path
 from mil.compare.config import CompareConfig
 from mil.compare.normalise import feature_normaliser, fold_statistics
-from mil.count import build_count_data, create_count_head, is_count_head, list_count_heads, load_groups
+from mil.count import (
+    build_count_data,
+    count_head_class,
+    create_count_head,
+    is_count_head,
+    list_count_heads,
+    load_groups,
+)
 from mil.count.differential import check_crossfit, crossfit_folder, trained_patients
 from mil.count.persist import save_count_model
 from mil.errors import ConfigError, InputError, listing, refuse_unknown_keys
@@ -257,7 +264,13 @@ def run_compare(
     count_heads = [h for h in heads if kinds[h] == "count"]
     shared_counts = None
     if count_heads and not config.cell_probs_per_fold:
-        shared_counts = build_count_data(loaded, source=config.counts, group_by=group_by, groups=groups)
+        shared_counts = build_count_data(
+            loaded,
+            source=config.counts,
+            group_by=group_by,
+            groups=groups,
+            require_labels=any(count_head_class(h).reads_differential for h in count_heads),
+        )
     plan = {f["name"]: f for f in crossfit_plan(splits)}
     if shared_counts is not None and config.counts != "truth":
         _check_single_classifier(Path(bags), loaded, plan, log)

@@ -178,9 +178,12 @@ def build_count_data(
     source: str = "truth",
     group_by: dict | None = None,
     groups: dict[str, tuple[str, ...]] | None = None,
+    require_labels: bool = True,
 ) -> CountData:
     """Count data of every patient of `bags` (patient id -> Bag).
 
+    `require_labels`: refuse bags without a labelled cell (truth counts); off when only heads that never read
+    the differential run (count.meta, count.covariates).
     `group_by`: when given, shares are over these groups (+ 'ungrouped') instead of the classes.
     `groups`: named groups the ratio head may ask for (default: those of configs/label_map.yaml).
     """
@@ -198,7 +201,7 @@ def build_count_data(
     if problems:
         raise InputError(f"bags disagree on their cell classes (mixed label maps?):\n{listing(problems)}")
     counts = np.stack(rows)
-    if source == "truth":
+    if source == "truth" and require_labels:
         _refuse_unlabelled(patients, counts)
     total = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)

@@ -22,6 +22,7 @@ class CountHead:
 
     head_name = "count"
     uses_covariates = True
+    reads_differential = True  # False: the head never looks at the cells' classes (no labels needed)
 
     def __init__(self, *, seed: int = 0) -> None:
         self.seed = seed
@@ -161,6 +162,7 @@ class MetadataCountHead(CountHead):
     """
 
     uses_covariates = False  # a shortcut detector must see the capture metadata alone
+    reads_differential = False
 
     def __init__(self, *, seed: int = 0, c: float = 1.0) -> None:
         super().__init__(seed=seed)
@@ -181,6 +183,7 @@ class CovariateCountHead(CountHead):
     """
 
     uses_covariates = False  # they are its features already
+    reads_differential = False
 
     def __init__(self, *, seed: int = 0, c: float = 1.0) -> None:
         super().__init__(seed=seed)
