@@ -16,8 +16,6 @@ import torch
 
 from mil.errors import InputError, listing
 
-IGNORED_LABELS = ("", "drop")
-
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -36,11 +34,6 @@ def labelled_rows(rows: list[dict], class_names: list[str] | tuple[str, ...]) ->
     """Rows whose label is one of `class_names` (unlabelled and 'drop' cells never train or score)."""
     known = set(class_names)
     return [r for r in rows if r.get("label", "") in known]
-
-
-def classes_of(rows: list[dict]) -> list[str]:
-    """The sorted class names present among labelled rows; sorted so the index does not depend on row order."""
-    return sorted({r.get("label", "") for r in rows} - set(IGNORED_LABELS))
 
 
 def crop_box(image: np.ndarray, box: tuple[int, int, int, int], crop_size: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 A run keeps ``out_dir/run/``: ``run.json`` (the fingerprint of everything that decides the weights),
 ``checkpoints/last.ckpt`` (a full Lightning checkpoint) and ``best.ckpt`` (the best validation epoch's weights),
-written atomically every ``LAST_EVERY_SECONDS`` and at the end by the heads' ``RunCheckpoint``, and
+written atomically every ``LAST_EVERY_SECONDS`` and at the end by ``mil.checkpointing.RunCheckpoint``, and
 ``finished.json``. The folder logic is shared with the heads and the detector (``mil.runs.prepare_run_dir``): the same
 fingerprint resumes or reuses, another discards the stale checkpoints.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mil.heads.checkpoints import RunCheckpoint
+from mil.checkpointing import RunCheckpoint
 from mil.runs import epoch_seed, run_digest, weight_settings
 
 RUN_DIR = "run"

@@ -23,12 +23,12 @@ import torch
 
 from mil.atomic import atomic_write_text
 from mil.cell_table import CellTable
+from mil.checkpointing import AtomicCheckpointIO
 from mil.classifier import resume
 from mil.classifier.data import (
     AugmentConfig,
     CropDataset,
     _group_part,
-    classes_of,
     labelled_rows,
     load_crops,
     patient_split,
@@ -38,7 +38,7 @@ from mil.classifier.model import CellClassifierModule, normalization
 from mil.classifier.predict import load_classifier, predict_crops, predict_rows, save_checkpoint
 from mil.classifier.resume import RUN_DIR, ClassifierCheckpoint, EpochSampler, load_run, run_fingerprint
 from mil.errors import ConfigError, InputError, refuse_unknown_keys
-from mil.heads.module import AtomicCheckpointIO
+from mil.labels import classes_of
 from mil.quiet import quiet_lightning
 from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir
 

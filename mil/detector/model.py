@@ -138,7 +138,7 @@ class TimmFPN(nn.Module):
             spec.timm_arch, pretrained=False, features_only=True, out_indices=spec.out_indices
         )
         if init == "imagenet":
-            from mil.classifier.model import lite0_imagenet_state_dict
+            from mil.imagenet import lite0_imagenet_state_dict
 
             missing, _ = self.body.load_state_dict(lite0_imagenet_state_dict(), strict=False)
             if missing:

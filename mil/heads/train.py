@@ -4,7 +4,7 @@ AdamW, class-weighted cross-entropy, random cell subsampling per bag in training
 batches, early stopping on the inner validation split with the best checkpoint restored, CSV logs
 always and wandb only when asked. Checkpoints are written atomically and loaded with
 ``weights_only=True``, every ``LAST_EVERY_SECONDS`` of training and at the end
-(``mil.heads.checkpoints.RunCheckpoint``); a run interrupted mid-epoch resumes from ``last.ckpt`` in its
+(``mil.checkpointing.RunCheckpoint``); a run interrupted mid-epoch resumes from ``last.ckpt`` in its
 ``log_dir`` and ends with the same weights, and a finished run is not trained again (its best checkpoint is reused).
 With ``devices > 1`` it trains with DDP (gloo on CPU, nccl on GPUs); see ``TrainConfig.strategy``. Every
 rank builds the same length-bucketed batch list and takes every ``devices``-th batch, so one optimiser step
@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from mil.atomic import atomic_write_text
+from mil.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from mil.errors import ConfigError, refuse_unknown_keys
-from mil.heads.checkpoints import RunCheckpoint
 from mil.heads.common import MilHead
 from mil.heads.data import BagRecord, check_records, covariate_width
-from mil.heads.module import AtomicCheckpointIO, HeadModule, evaluate_bags
+from mil.heads.module import HeadModule, evaluate_bags
 from mil.heads.registry import create_head
 from mil.quiet import quiet_lightning
 from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir, run_digest, weight_settings
@@ -184,7 +184,7 @@ def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: 
     callbacks = []
     if has_val:
         callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
-    # last.ckpt every LAST_EVERY_SECONDS and at the end, best.ckpt with it (see mil.heads.checkpoints: resume is exact).
+    # last.ckpt every LAST_EVERY_SECONDS and at the end, best.ckpt with it (see mil.checkpointing: resume is exact).
     callbacks.append(
         RunCheckpoint(
             dirpath=log_dir / CHECKPOINT_DIR,
