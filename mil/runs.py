@@ -4,7 +4,8 @@ A run folder holds ``run.json`` (a fingerprint of everything that decides the we
 ``checkpoints/last.ckpt`` and ``best.ckpt`` (written atomically by ``write_checkpoint``) and ``finished.json``.
 ``prepare_run_dir`` tells a trainer whether to reuse a finished run, resume from ``last.ckpt`` or start afresh;
 ``epoch_seed`` gives the per-(seed, epoch) random streams that make a resumed epoch replay exactly
-(RELIABILITY promise 2). Nothing here imports Lightning.
+(RELIABILITY promise 2); a checkpoint written inside an epoch keeps ``global_rng_state()`` to go on from there.
+Nothing here imports Lightning.
 """
 
 from __future__ import annotations
@@ -71,3 +72,22 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """One seed per (run seed, epoch, stream): stream 0 orders the data, stream 1 drives dropout (and any other
     draw from torch's global generator). Nothing random then depends on how many epochs this process has run."""
     return seed * 1_000_003 + epoch * 7919 + stream * 104_729
+
+
+def global_rng_state() -> dict:
+    """torch's global RNG states (CPU, and every CUDA device once CUDA is in use): what dropout and other draws
+    of the next training step depend on. Saved by a checkpoint written inside an epoch."""
+    import torch
+
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_global_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -28,7 +28,9 @@ from mil.runs import (
     CHECKPOINT_DIR,
     FINISHED_FILE,
     epoch_seed,
+    global_rng_state,
     prepare_run_dir,
+    restore_global_rng_state,
     run_digest,
     weight_settings,
     write_checkpoint,
@@ -120,7 +122,7 @@ def train_detector(
         """last.ckpt; ``done_in_epoch`` batches of ``epoch`` done (None: the epoch is closed)."""
         progress = {"epoch": epoch, "step": step, "history": history}
         if done_in_epoch is not None:
-            progress["inside"] = {"batches": done_in_epoch, "losses": list(losses), "rng": _rng_state(tc.device)}
+            progress["inside"] = {"batches": done_in_epoch, "losses": list(losses), "rng": global_rng_state()}
         states = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
         write_checkpoint(last, {**progress, **states, "scheduler": scheduler.state_dict()})
 
@@ -136,7 +138,7 @@ def train_detector(
         )
         batch_iter = iter(loader)  # draws its base seed from the global RNG: before the saved state is restored
         if inside is not None:
-            _set_rng_state(inside["rng"], tc.device)
+            restore_global_rng_state(inside["rng"])
             inside = None
         for done, (images, targets) in enumerate(batch_iter, start=skip + 1):
             images = [im.to(tc.device) for im in images]
@@ -177,20 +179,6 @@ def train_detector(
     summary = {"config": asdict(config), "train_config": asdict(tc), "images": len(samples), "history": history}
     atomic_write_text(out_dir / "history.json", json.dumps(summary, indent=2) + "\n")
     return DetectorResult(checkpoint=checkpoint, config=config, history=history)
-
-
-def _rng_state(device: str) -> dict:
-    """The global RNG states a training step draws from (CPU, and the CUDA device when training there)."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.device(device).type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
-    return state
-
-
-def _set_rng_state(state: dict, device: str) -> None:
-    torch.set_rng_state(state["cpu"].cpu())
-    if "cuda" in state and torch.device(device).type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"].cpu(), torch.device(device))
 
 
 def _fingerprint(config: DetectorConfig, tc: DetectorTrainConfig, samples: list, model: torch.nn.Module) -> str:
