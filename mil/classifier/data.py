@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from mil.errors import InputError, listing
+from mil.images import load_rgb
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,6 @@ def crop_box(image: np.ndarray, box: tuple[int, int, int, int], crop_size: int) 
 
 def load_crops(rows: list[dict], *, crop_size: int) -> np.ndarray:
     """(N, S, S, 3) uint8 crops of the rows' boxes; each image is decoded once. Unreadable images: one error."""
-    from PIL import Image
 
     crops = np.zeros((len(rows), crop_size, crop_size, 3), dtype=np.uint8)
     by_image: dict[str, list[int]] = defaultdict(list)
@@ -60,8 +60,7 @@ def load_crops(rows: list[dict], *, crop_size: int) -> np.ndarray:
     problems = []
     for path, idx in by_image.items():
         try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
+            image = load_rgb(path)
         except Exception as e:  # PIL raises many types for a broken file
             problems.append(f"image {path} ({len(idx)} cells, e.g. {rows[idx[0]].get('cell_id')}): {e}")
             continue
