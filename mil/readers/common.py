@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from mil.cell_table import PatientTable
+from mil.cell_table import PatientTable, diagnosis_spelling_problems, pick_separator
 from mil.errors import InputError, listing
 from mil.labels import DEFAULT_LABEL_MAP, LabelMap, identity_label_map, load_label_map, normalize_label
 
@@ -97,15 +97,22 @@ def read_csv_rows(
 ) -> list[tuple[int, dict]]:
     """Rows of a CSV as (line number, row) with stripped keys and values; missing columns are one clear error.
 
-    `delimiter=None` picks ';' when the header has ';' and no ',' (clinical tables exported in European
-    locales), ',' otherwise.
+    `delimiter=None` picks ',', ';' (clinical tables exported in European locales) or tab by the header
+    (``mil.cell_table.pick_separator``); a UTF-8 byte-order mark and CRLF line ends are read as they should be.
     """
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist; it needs columns {', '.join(required)}")
+    try:
+        return _read_csv_rows(path, required, what=what, delimiter=delimiter)
+    except UnicodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text ({e}); save it as UTF-8 CSV") from e
+
+
+def _read_csv_rows(path: Path, required: tuple[str, ...], *, what: str, delimiter: str | None):
     with path.open(newline="", encoding="utf-8-sig") as f:
         header = f.readline()
         if delimiter is None:
-            delimiter = ";" if ";" in header and "," not in header else ","
+            delimiter = pick_separator(header, required)
         f.seek(0)
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = [c.strip() for c in (reader.fieldnames or [])]
@@ -268,3 +275,5 @@ def check_patient_rows(
         first.setdefault(pid, line)
         if not row.get(diagnosis_column, "").strip():
             problems.add(f"{path}:{line}: patient {pid!r} has no {diagnosis_column}; fill it in or remove the row")
+    for problem in diagnosis_spelling_problems([(f"line {line}", row.get(diagnosis_column, "")) for line, row in rows]):
+        problems.add(f"{path}: {problem}")
