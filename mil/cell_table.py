@@ -201,12 +201,20 @@ def diagnosis_spelling_problems(diagnoses: list[tuple[str, str]]) -> list[str]:
     return problems
 
 
+# Box coordinates beyond this are no pixel of any image (and overflow the int32 box arrays of a bag).
+MAX_COORDINATE = 2**31 - 1
+
+
 def _parse_int(value: str, where: str, column: str, problems: list[str]) -> int:
     try:
-        return int(round(float(value)))
+        number = float(value)
     except (TypeError, ValueError):
         problems.append(f"{where}: column {column} is {value!r}, not a number")
         return 0
+    if not abs(number) <= MAX_COORDINATE:  # also NaN, inf and 1e400 (which reads as inf)
+        problems.append(f"{where}: column {column} is {value!r}, not a pixel coordinate; write a finite box in pixels")
+        return 0
+    return int(round(number))
 
 
 def read_cell_table(path: str | Path, resolve_relative_to: Path | None = None) -> CellTable:

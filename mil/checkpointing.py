@@ -21,11 +21,10 @@ import math
 import time
 from pathlib import Path
 
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
-from mil.runs import write_checkpoint
+from mil.runs import load_checkpoint, write_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -35,7 +34,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_checkpoint(path, checkpoint)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        fix = f"delete {Path(path).parent.parent} to train afresh (or run with --no-resume)"
+        return load_checkpoint(path, what="training checkpoint", fix=fix, map_location=map_location or "cpu")
 
 
 class RunCheckpoint(Checkpoint):

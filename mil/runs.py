@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mil.atomic import atomic_torch_save, atomic_write_text
+from mil.errors import InputError
 
 CHECKPOINT_DIR = "checkpoints"
 # Config fields that never change the weights: a rerun that only changes them still resumes.
@@ -66,6 +67,35 @@ def write_checkpoint(path: str | Path, checkpoint: dict) -> None:
         torch.load(tmp, map_location="cpu", weights_only=True)
 
     atomic_torch_save(checkpoint, path, readable)
+
+
+def load_checkpoint(path: str | Path, *, what: str, fix: str, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` whose every failure is an InputError naming ``what`` (e.g. "head
+    bundle"), the file and ``fix``: a file holding pickled Python objects is refused without running them
+    (RELIABILITY 6), and a truncated or foreign file says so; no UnpicklingError traceback. torch's own message is
+    not passed on: it suggests ``weights_only=False``, which would run whatever the file holds."""
+    import pickle
+    import warnings
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist; {fix}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4": the refusal below says it better
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines()]
+        detail = next((line for line in lines if line.startswith(("Trying to load", "Unsupported"))), "")
+        raise InputError(
+            f"{what} {path} is no file of tensors and plain values (it holds other pickled Python objects, or is "
+            f"no torch file) and was refused unread{f' ({detail})' if detail else ''}: nothing untrusted is "
+            f"unpickled. {fix[0].upper()}{fix[1:]}"
+        ) from None
+    except Exception as e:  # truncated archive, a text file, another format: torch raises many types
+        raise InputError(f"{what} {path} is not a readable checkpoint ({type(e).__name__}); {fix}") from None
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:

@@ -27,7 +27,14 @@ import numpy as np
 import torch
 
 from mil.checkpointing import RunCheckpoint
-from mil.runs import epoch_seed, global_rng_state, restore_global_rng_state, run_digest, weight_settings
+from mil.runs import (
+    epoch_seed,
+    global_rng_state,
+    load_checkpoint,
+    restore_global_rng_state,
+    run_digest,
+    weight_settings,
+)
 
 RUN_DIR = "run"
 # A killed run loses at most this much training (plus the epoch in progress); tests set it to 0 (every epoch).
@@ -142,10 +149,11 @@ def load_run(run_dir: Path, checkpoint_dir: str, has_val: bool) -> tuple[dict, d
     """(weights to keep, history, best epoch) of a finished run: the best validation epoch, or the last epoch
     without validation (best epoch -1), as an uninterrupted run keeps them."""
     ckpt_dir = Path(run_dir) / checkpoint_dir
-    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    fix = f"delete {run_dir} to train afresh (or run with --no-resume)"
+    last = load_checkpoint(ckpt_dir / "last.ckpt", what="classifier training checkpoint", fix=fix)
     history = {k: list(v) for k, v in last.get("history", {}).items()}
     best_path = ckpt_dir / "best.ckpt"
     if has_val and best_path.exists():
-        best = torch.load(best_path, map_location="cpu", weights_only=True)
+        best = load_checkpoint(best_path, what="classifier training checkpoint", fix=fix)
         return best["state_dict"], history, int(best["epoch"])
     return last["state_dict"], history, -1

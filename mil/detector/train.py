@@ -29,6 +29,7 @@ from mil.runs import (
     FINISHED_FILE,
     epoch_seed,
     global_rng_state,
+    load_checkpoint,
     prepare_run_dir,
     restore_global_rng_state,
     run_digest,
@@ -109,7 +110,8 @@ def train_detector(
     last = run_dir / CHECKPOINT_DIR / "last.ckpt"
     state = prepare_run_dir(run_dir, _fingerprint(config, tc, samples, model), tc)
     if state != "fresh":
-        saved = torch.load(last, map_location=tc.device, weights_only=True)
+        fix = f"delete {run_dir} to train afresh (or run with --no-resume)"
+        saved = load_checkpoint(last, what="detector training checkpoint", fix=fix, map_location=tc.device)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

@@ -31,7 +31,7 @@ from mil.heads.data import BagRecord, check_records, covariate_width
 from mil.heads.module import HeadModule, evaluate_bags
 from mil.heads.registry import create_head
 from mil.quiet import quiet_lightning
-from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir, run_digest, weight_settings
+from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, load_checkpoint, prepare_run_dir, run_digest, weight_settings
 
 # A killed run loses at most this much training (plus the epoch in progress); every write is atomic with fsync
 # and a re-read. Short runs therefore write their checkpoints once, at the end.
@@ -262,9 +262,10 @@ def fit_predict(
             resume_from = ckpt_dir / "last.ckpt" if state == "resume" else None
             _train(module, run_config, log_dir, resume_from, has_val=bool(val))
         best = ckpt_dir / ("best.ckpt" if val else "last.ckpt")  # without validation the last epoch is kept
-        best_state = torch.load(best, map_location="cpu", weights_only=True)
+        best_state = load_checkpoint(best, what="head training checkpoint", fix=f"delete {log_dir} to train afresh")
         module.load_state_dict(best_state["state_dict"])
-        history = dict(torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["history"])
+        last = load_checkpoint(ckpt_dir / "last.ckpt", what="head training checkpoint", fix=f"delete {log_dir}")
+        history = dict(last["history"])
         history["best_epoch"] = int(best_state["epoch"])
         history["monitor"] = monitor
         if state != "finished" and is_global_zero():

@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from mil.cell_table import PatientTable, diagnosis_spelling_problems, pick_separator
+from mil.cell_table import MAX_COORDINATE, PatientTable, diagnosis_spelling_problems, pick_separator
 from mil.errors import InputError, listing
 from mil.labels import DEFAULT_LABEL_MAP, LabelMap, identity_label_map, load_label_map, normalize_label
 
@@ -173,10 +173,21 @@ def apply_labels(rows: list[dict], label_map: LabelMap, where: list[str], proble
 
 def number(value: str, where: str, column: str, problems: Problems) -> float | None:
     try:
-        return float(value)
+        result = float(value)
     except (TypeError, ValueError):
         problems.add(f"{where}: {column} is {value!r}, not a number; write a number")
         return None
+    if not math.isfinite(result):  # 'inf', 'nan', and '1e400' (which reads as inf)
+        problems.add(f"{where}: {column} is {value!r}, not a finite number; write a finite number")
+        return None
+    return result
+
+
+def _pixel_coordinate(value) -> bool:
+    try:
+        return abs(float(value)) <= MAX_COORDINATE
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def box_in_image(
@@ -193,6 +204,9 @@ def box_in_image(
     has no pixel inside the image is a wrong annotation, never something to clip into a sliver. With
     `clip=False` (formats whose contract is boxes inside their image) any pixel outside is a problem.
     """
+    if not all(_pixel_coordinate(v) for v in box):  # inf, NaN, 1e400 (read as inf), None
+        problems.add(f"{where}: box {tuple(box)} has a coordinate that is no pixel position; fix or delete it")
+        return None
     x0, y0, x1, y1 = (math.floor(v + 0.5) for v in box)  # half up, not Python's half-to-even
     if x1 <= x0 or y1 <= y0:
         problems.add(f"{where}: box ({x0},{y0},{x1},{y1}) has zero or negative area; fix or delete the annotation")
