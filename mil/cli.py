@@ -59,14 +59,20 @@ def _stop_on_signals():
     owner = os.getpid()
     received: list[int] = []
 
-    def handler(signum, frame) -> None:  # noqa: ARG001
-        if os.getpid() != owner:
+    def handler(signum, frame) -> None:
+        if os.getpid() != owner:  # a forked child: what it would do without this handler
+            if signum == signal.SIGINT:
+                signal.default_int_handler(signum, frame)  # KeyboardInterrupt, which loader workers end on quietly
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         if received:
             os._exit(128 + signum)
         received.append(signum)
+        if hasattr(signal, "SIGCHLD"):
+            # Loader workers die of the same signal (it goes to the process group): torch's SIGCHLD handler
+            # would raise "worker killed by signal" from inside the clean-up. The process is ending anyway.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise Stopped(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -30,22 +30,40 @@ def _temp_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.name.endswith(".tmp"))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_promise9_a_signalled_extract_exits_nonzero_and_leaves_no_temp_files(tmp_path, signum):
+# SIGINT as Ctrl-C sends it and SIGTERM as a scheduler does (to every process of the job, loader workers too).
+CASES = {"SIGTERM": (signal.SIGTERM, "0", False), "SIGINT": (signal.SIGINT, "0", False)}
+CASES["SIGTERM_to_the_group_with_workers"] = (signal.SIGTERM, "2", True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_promise9_a_signalled_extract_exits_nonzero_and_leaves_no_temp_files(tmp_path, case):
+    signum, workers, group = CASES[case]
     cells = make_cohort(tmp_path, patients=40, cells=6, cells_per_image=6, side=48)
     out = tmp_path / "bags"
     command = [sys.executable, "-m", "mil.cli", "extract", "--cells", str(cells), "--encoder", "morphology.handcrafted"]
-    command += ["--out", str(out), "--input-size", "32", "--workers", "0", "--batch-size", "2", "--no-progress"]
-    proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command += ["--out", str(out), "--input-size", "32", "--workers", workers, "--batch-size", "2", "--no-progress"]
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     log = []
     for line in proc.stderr:  # signalled while it writes: after the first bag of this run is done
         log.append(line)
         if line.startswith("done "):
             break
-    proc.send_signal(signum)
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     log += proc.stderr.read().splitlines(keepends=True)
     assert proc.wait(timeout=600) == EXIT[signum], "".join(log)
     assert f"stopped by {signum.name}" in "".join(log)
+    assert "Traceback" not in "".join(log)  # nor "Exception ignored" from dying loader workers
     assert _temp_files(out) == []
     finished = sorted(out.glob("*.h5"))
     assert 1 <= len(finished) < 40, "the signal came after the work was done"
