@@ -2,7 +2,8 @@
 
 A `FieldCrops` item is one field image with all of its cells, so a DataLoader worker decodes the image
 once however many cells it holds. A cell whose image cannot be decoded or whose box does not fit is
-skipped with a reason (recorded in the bag and the run report, never silently).
+skipped with a reason (recorded in the bag and the run report, never silently). Images are read by
+``mil.images.load_rgb``: 16-bit, float and palette fields keep their real range, other modes are refused by name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mil.errors import InputError
+from mil.images import load_rgb
 
 
 @dataclass(frozen=True)
@@ -26,15 +28,6 @@ class ImageJob:
     image_path: str
     rows: tuple[int, ...]  # positions of the cells in the patient's rows
     boxes: np.ndarray  # (n, 4) int x0 y0 x1 y1
-
-
-def load_rgb(path: str) -> np.ndarray:
-    """Decode an image fully (a truncated file fails here, not later) as uint8 (H, W, 3) RGB."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        return np.asarray(im.convert("RGB"))
 
 
 def context_box(box: np.ndarray, context: float, width: int, height: int) -> tuple[int, int, int, int]:

@@ -35,12 +35,22 @@ CELL_COLUMNS = (
 REQUIRED_CELL_COLUMNS = ("patient_id", "image_path", "x0", "y0", "x1", "y1")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 PATIENT_COLUMNS = ("patient_id", "diagnosis")
+# File names made from a patient id must fit the 255-byte name limit of common file systems: the bag `ID.h5`, and
+# the temporary file it is written through (`.ID.h5.XXXXXXXX.tmp`, plus room for an owner tag), so 200 bytes.
+MAX_PATIENT_ID_BYTES = 200
+SEPARATORS = (",", ";", "\t")
 
 
 def unsafe_patient_id_reason(pid: str) -> str | None:
     """Why a patient id cannot name a file in an output folder, or None when it can."""
     if pid is None or pid == "":
         return "is empty"
+    size = len(pid.encode("utf-8", "surrogatepass"))
+    if size > MAX_PATIENT_ID_BYTES:
+        return (
+            f"is {size} bytes long (UTF-8); at most {MAX_PATIENT_ID_BYTES} bytes, so that its bag file name "
+            "(ID.h5) and temporary file name stay within the file system's 255-byte limit"
+        )
     if pid != pid.strip():
         return "has leading or trailing spaces"
     for ch in ("/", "\\", "\x00"):
@@ -112,12 +122,99 @@ class CellTable:
         return path
 
 
+def pick_separator(header: str, required: tuple[str, ...]) -> str:
+    """The separator of a CSV header line among ',', ';' and tab: the one whose split holds every ``required``
+    column (spreadsheets in European locales write ';', others tabs), else the most frequent one (',' when none)."""
+    fitting = [s for s in SEPARATORS if set(required) <= {c.strip() for c in header.rstrip("\r\n").split(s)}]
+    candidates = fitting or list(SEPARATORS)
+    return max(candidates, key=lambda s: (header.count(s), s == ","))
+
+
+def open_csv(path: Path, required: tuple[str, ...], *, what: str):
+    """A csv.DictReader over ``path`` with its quirks handled, for use in a ``with`` block: a UTF-8 byte-order mark
+    is dropped, CRLF line ends are read, the separator is picked by ``pick_separator`` and header names are
+    stripped. A file that is not UTF-8 is an InputError naming it; a missing column is one naming the columns found
+    and the separator used."""
+    import contextlib
+
+    raw = path.read_bytes()[:4]
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputError(f"{what} {path} is saved as UTF-16; save it as UTF-8 CSV (comma, ';' or tab separated)")
+
+    @contextlib.contextmanager
+    def reader():
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            try:
+                header = f.readline()
+                separator = pick_separator(header, required)
+                f.seek(0)
+                rows = csv.DictReader(f, delimiter=separator)
+                rows.fieldnames = [(c or "").strip() for c in (rows.fieldnames or [])]
+                missing = [c for c in required if c not in rows.fieldnames]
+                if missing:
+                    found = ", ".join(rows.fieldnames) or "no header"
+                    name = "tab" if separator == "\t" else repr(separator)
+                    raise InputError(
+                        f"{what} {path} lacks column(s) {missing} (found: {found}; separator {name}); "
+                        f"it needs at least {list(required)} in its header row"
+                    )
+                yield rows
+            except UnicodeDecodeError as e:
+                raise InputError(
+                    f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                    "save it as UTF-8 CSV"
+                ) from e
+
+    return reader()
+
+
+def duplicate_cell_id_problems(rows: list[dict], where: str) -> list[str]:
+    """One line per cell id given to more than one row, with the rows (header = row 1)."""
+    lines: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        lines[r.get("cell_id", "")].append(i + 2)
+    return [
+        f"{where}: cell_id {cid!r} is on rows {', '.join(map(str, found[:10]))}"
+        + (f" and {len(found) - 10} more" if len(found) > 10 else "")
+        for cid, found in lines.items()
+        if len(found) > 1
+    ]
+
+
+def diagnosis_spelling_problems(diagnoses: list[tuple[str, str]]) -> list[str]:
+    """(place, diagnosis) pairs -> one line per diagnosis written more than one way (case, surrounding spaces) or
+    with surrounding spaces: 'aml', 'AML' and ' AML' would otherwise be three classes."""
+    spellings: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for place, diagnosis in diagnoses:
+        if diagnosis and diagnosis.strip():
+            spellings[diagnosis.strip().casefold()][diagnosis].append(place)
+    problems = []
+    for forms in spellings.values():
+        if len(forms) > 1 or any(d != d.strip() for d in forms):
+            shown = "; ".join(
+                f"{d!r} ({', '.join(places[:3])}{', ...' if len(places) > 3 else ''})" for d, places in forms.items()
+            )
+            problems.append(
+                f"diagnosis written {len(forms)} way(s) that differ only in case or spaces: {shown}; "
+                "spell each diagnosis one way, without surrounding spaces"
+            )
+    return problems
+
+
+# Box coordinates beyond this are no pixel of any image (and overflow the int32 box arrays of a bag).
+MAX_COORDINATE = 2**31 - 1
+
+
 def _parse_int(value: str, where: str, column: str, problems: list[str]) -> int:
     try:
-        return int(round(float(value)))
+        number = float(value)
     except (TypeError, ValueError):
         problems.append(f"{where}: column {column} is {value!r}, not a number")
         return 0
+    if not abs(number) <= MAX_COORDINATE:  # also NaN, inf and 1e400 (which reads as inf)
+        problems.append(f"{where}: column {column} is {value!r}, not a pixel coordinate; write a finite box in pixels")
+        return 0
+    return int(round(number))
 
 
 def read_cell_table(path: str | Path, resolve_relative_to: Path | None = None) -> CellTable:
@@ -126,13 +223,7 @@ def read_cell_table(path: str | Path, resolve_relative_to: Path | None = None) -
     if not path.exists():
         raise InputError(f"cell table {path} does not exist; write one with `mil cells` or `mil detect`")
     base = resolve_relative_to or path.resolve().parent
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_CELL_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(
-                f"cell table {path} lacks column(s) {missing}; it needs at least {list(REQUIRED_CELL_COLUMNS)}"
-            )
+    with open_csv(path, REQUIRED_CELL_COLUMNS, what="cell table") as reader:
         rows, problems = [], []
         for i, raw in enumerate(reader):
             where = f"{path}:{i + 2}"
@@ -148,6 +239,7 @@ def read_cell_table(path: str | Path, resolve_relative_to: Path | None = None) -
             row["det_score"] = float(score) if score not in (None, "") else None
             row["source"] = raw.get("source") or ""
             rows.append(row)
+    problems += duplicate_cell_id_problems(rows, str(path))
     if problems:
         raise InputError(f"cell table {path} has malformed rows:\n{listing(problems)}\nFix them and run again.")
     return CellTable(rows=rows, path=path)
@@ -190,10 +282,7 @@ def read_patient_table(path: str | Path, validate: bool = True) -> PatientTable:
     path = Path(path)
     if not path.exists():
         raise InputError(f"patient table {path} does not exist; `mil cells` writes it beside cells.csv")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if "patient_id" not in (reader.fieldnames or []):
-            raise InputError(f"patient table {path} has no patient_id column")
+    with open_csv(path, ("patient_id",), what="patient table") as reader:
         rows = [dict(r) for r in reader]
     table = PatientTable(rows=rows)
     if validate:
@@ -215,6 +304,8 @@ def validate_patient_table(table: PatientTable, where: str = "patient table", re
         seen.setdefault(pid, i)
         if require_diagnosis and not (r.get("diagnosis") or "").strip():
             problems.append(f"{row}: patient {pid!r} has no diagnosis; add it or remove the patient")
+    places = [(f"row {i + 2}", r.get("diagnosis") or "") for i, r in enumerate(table.rows)]
+    problems += [f"{where}: {p}" for p in diagnosis_spelling_problems(places)]
     if problems:
         raise InputError(f"{len(problems)} problem(s) in {where}:\n{listing(problems)}")
 

@@ -5,9 +5,12 @@ optional dependency breaks one command, not all of them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from mil import __version__
 from mil.errors import MilError
@@ -32,6 +35,53 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attention": ("mil.attention.command", "attention galleries, overlays, faithfulness and an HTML report"),
     "demo": ("mil.demo", "the whole pipeline on the built-in synthetic cohort"),
 }
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived. Raised in the main thread by the handler, so every ``finally`` and
+    ``atomic_path`` clean-up on the way out runs (RELIABILITY promise 9). A BaseException, like KeyboardInterrupt,
+    so no ``except Exception`` swallows it; not a KeyboardInterrupt, because Lightning turns that into exit 1."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM and SIGINT raise ``Stopped`` in this process; a second signal exits at once (its clean-up is cut
+    short, and a rerun removes what is left). Lightning adds its own SIGTERM handler during training and calls
+    this one after it: without it, Lightning ends the run with a SystemExit of status 0 and a scheduler counts a
+    stopped run as a success. Forked children (data-loader workers) keep the default action."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+    received: list[int] = []
+
+    def handler(signum, frame) -> None:
+        if os.getpid() != owner:  # a forked child: what it would do without this handler
+            if signum == signal.SIGINT:
+                signal.default_int_handler(signum, frame)  # KeyboardInterrupt, which loader workers end on quietly
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if received:
+            os._exit(128 + signum)
+        received.append(signum)
+        if hasattr(signal, "SIGCHLD"):
+            # Loader workers die of the same signal (it goes to the process group): torch's SIGCHLD handler
+            # would raise "worker killed by signal" from inside the clean-up. The process is ending anyway.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _quiet_defaults() -> None:
@@ -70,10 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:
-        code = module.run(args)
+        with _stop_on_signals():
+            code = module.run(args)
     except MilError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        name = signal.Signals(e.signum).name
+        print(f"stopped by {name}; temporary files removed; run the same command again to resume", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130

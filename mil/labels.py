@@ -13,6 +13,13 @@ from mil.errors import ConfigError, InputError, listing, refuse_unknown_keys
 DROP = "drop"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_LABEL_MAP = CONFIG_DIR / "label_map.yaml"
+# Cell-table labels that are no class: unlabelled cells and cells the label map drops.
+IGNORED_LABELS = ("", DROP)
+
+
+def classes_of(rows: list[dict]) -> list[str]:
+    """The sorted class names present among labelled rows; sorted so the index does not depend on row order."""
+    return sorted({r.get("label", "") for r in rows} - set(IGNORED_LABELS))
 
 
 def normalize_label(raw: str) -> str:

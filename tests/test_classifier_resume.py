@@ -115,6 +115,62 @@ def test_training_killed_mid_run_resumes_to_the_same_weights(tmp_path):
     assert len(history["val_loss"]) == EPOCHS
 
 
+# Holds the process right after its first checkpoint inside an epoch (epoch 0, after batch 1 of 2), so the test's
+# SIGKILL lands there whatever the speed of the machine; the rerun (no HOLD) finishes the run.
+INSIDE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time, numpy as np, torch
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    from test_classifier import read_cell_table
+    from test_classifier_resume import SPLIT, tiny_config
+    from mil.classifier import resume
+    from mil.classifier.train import train_classifier
+    resume.LAST_EVERY_SECONDS = 0.0
+    flush = resume.ClassifierCheckpoint._flush
+    def held(self, trainer):
+        flush(self, trainer)
+        if self._inside is not None and os.environ.get("HOLD"):
+            print("HELD", self._inside["epoch"], self._inside["batches"], flush=True)
+            time.sleep(600)
+    resume.ClassifierCheckpoint._flush = held
+    root = Path(sys.argv[1])
+    result = train_classifier(read_cell_table(root / "cells.csv"), out_dir=root / "killed",
+                              config=tiny_config(max_epochs=3), split=SPLIT)
+    np.save(root / "killed" / "probs.npy", result.test_probs)
+    """
+)
+
+
+@pytest.mark.slow
+def test_promise2_training_killed_inside_the_first_epoch_resumes_to_the_same_weights(tmp_path):
+    """A long one-epoch run killed before the epoch's end keeps what it trained (checkpoints on time, inside an
+    epoch): the rerun goes on at the next batch and ends with the weights of an uninterrupted run."""
+    cells = write_cohort(tmp_path)
+    script = tmp_path / "inside.py"
+    script.write_text(INSIDE_SCRIPT.format(tests=str(REPO / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)], env={**env, "HOLD": "1"}, stdout=subprocess.PIPE, text=True
+    )
+    reference = train_classifier(cells, out_dir=tmp_path / "clean", config=tiny_config(max_epochs=3), split=SPLIT)
+    held = victim.stdout.readline().split()
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert held == ["HELD", "0", "1"], held
+    last = torch.load(tmp_path / "killed" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0 and last["global_step"] == 1  # one batch of the first epoch, kept
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, timeout=600)
+    _assert_same_weights(
+        torch.load(reference.checkpoint, weights_only=True)["state_dict"],
+        torch.load(tmp_path / "killed" / "classifier.pt", weights_only=True)["state_dict"],
+    )
+    np.testing.assert_allclose(reference.test_probs, np.load(tmp_path / "killed" / "probs.npy"), atol=1e-6)
+    history = torch.load(tmp_path / "killed" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["history"]
+    np.testing.assert_allclose(history["train_loss"], reference.history["train_loss"], atol=1e-6)
+
+
 def test_a_finished_run_is_reused_without_training(tmp_path):
     cells = write_cohort(tmp_path)
     config = tiny_config(max_epochs=3, imbalance="weighted_loss")

@@ -1,5 +1,5 @@
-"""Detector runs survive a crash (RELIABILITY promise 2): rerun after a crash between two epoch checkpoints, the
-same call ends with the weights of an uninterrupted run; a finished run is reused, not trained again."""
+"""Detector runs survive a crash (RELIABILITY promise 2): rerun after a crash inside the first epoch or between two
+epochs, the same call ends with the weights of an uninterrupted run; a finished run is reused, not trained again."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class Crash(Exception):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_a_checkpoint_per_epoch(monkeypatch):
+def _one_thread_and_a_checkpoint_per_step(monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setattr(train, "LAST_EVERY_SECONDS", 0.0)
 
@@ -28,23 +28,27 @@ def _weights(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_crashed_detector_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+# 3 fields, 2 per batch: 2 batches an epoch, a checkpoint after each. Write 1 is inside the first epoch (after its
+# first batch, a long one-epoch run killed midway), write 2 closes it.
+@pytest.mark.parametrize("crash_after", [1, 2], ids=["inside_the_first_epoch", "between_epochs"])
+def test_crashed_detector_training_resumes_to_the_same_weights(tmp_path, monkeypatch, crash_after):
     cells = write_fields(tmp_path)
     run = dict(config=DetectorConfig(**TINY), train_config=DetectorTrainConfig(**SETTINGS))
     clean = train_detector(cells, out_dir=tmp_path / "clean", **run)
     writes = []
 
-    def crash_after_two(path, checkpoint):
+    def crash(path, checkpoint):
         write_checkpoint(path, checkpoint)
-        writes.append(checkpoint["epoch"])
-        if len(writes) == 2:
+        writes.append((checkpoint["epoch"], checkpoint.get("inside") is not None))
+        if len(writes) == crash_after:
             raise Crash
 
     write_checkpoint = train.write_checkpoint
-    monkeypatch.setattr(train, "write_checkpoint", crash_after_two)
+    monkeypatch.setattr(train, "write_checkpoint", crash)
     with pytest.raises(Crash):
         train_detector(cells, out_dir=tmp_path / "crashed", **run)
     monkeypatch.setattr(train, "write_checkpoint", write_checkpoint)
+    assert writes[-1] == (0, crash_after == 1)
     assert not (tmp_path / "crashed" / "run" / "finished.json").exists()
     resumed = train_detector(cells, out_dir=tmp_path / "crashed", **run)
     a, b = _weights(clean.checkpoint), _weights(resumed.checkpoint)

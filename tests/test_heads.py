@@ -93,6 +93,24 @@ def test_float32_train_mode_gives_finite_output_with_nan_padding(name):
     assert torch.isfinite(head(x, mask)).all()
 
 
+BIG_BAG = 100_000
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_a_100000_cell_bag_runs_in_memory_linear_in_the_cells(name):
+    """Issue 14 case 9: transmil's exact attention tried to allocate 160 GB for one bag of 100,000 cells. Every
+    head's forward with attention now fits a CPU (transmil: Nystrom attention, ~1 GB at hidden width 128)."""
+    head = _head(name).eval()
+    x = torch.randn(1, BIG_BAG, IN_DIM, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(1, BIG_BAG, dtype=torch.bool)
+    with torch.no_grad():
+        logits, attention = head.forward_with_attention(x, mask)
+    assert logits.shape == (1, NUM_CLASSES) and torch.isfinite(logits).all()
+    assert attention.shape == ((1, NUM_CLASSES, BIG_BAG) if head.multi_branch else (1, BIG_BAG))
+    assert (attention >= 0).all()
+    torch.testing.assert_close(attention.sum(-1), torch.ones(attention.shape[:-1]), atol=1e-4, rtol=0)
+
+
 def test_wrong_feature_width_names_the_fix():
     head = _head("abmil")
     with pytest.raises(ValueError, match="in_dim"):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from mil.auroc import binary_auroc
+from mil.checkpointing import RunCheckpoint
 from mil.heads import common, create_head, list_heads, train
-from mil.heads.checkpoints import RunCheckpoint
 from mil.heads.common import CellDropout, GatedAttention, pool_cells
 from mil.heads.data import BagRecord, packed_collate, pad_collate
 from mil.heads.train import TrainConfig, fit_predict
-from mil.protocol.metrics import binary_auroc
 
 torch.set_num_threads(1)
 

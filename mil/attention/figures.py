@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from mil.atomic import atomic_path
+from mil.images import load_rgb
 
 
 def _plt():
@@ -34,8 +35,7 @@ class FieldCache:
 
     def get(self, path: str) -> np.ndarray:
         if path not in self._images:
-            with Image.open(path) as im:
-                self._images[path] = np.asarray(im.convert("RGB"))
+            self._images[path] = load_rgb(path)
         return self._images[path]
 
     def crop(self, path: str, box, margin: int = 4) -> np.ndarray:

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from mil.errors import InputError, listing
-
-IGNORED_LABELS = ("", "drop")
+from mil.images import load_rgb
 
 
 @dataclass(frozen=True)
@@ -38,11 +37,6 @@ def labelled_rows(rows: list[dict], class_names: list[str] | tuple[str, ...]) ->
     return [r for r in rows if r.get("label", "") in known]
 
 
-def classes_of(rows: list[dict]) -> list[str]:
-    """The sorted class names present among labelled rows; sorted so the index does not depend on row order."""
-    return sorted({r.get("label", "") for r in rows} - set(IGNORED_LABELS))
-
-
 def crop_box(image: np.ndarray, box: tuple[int, int, int, int], crop_size: int) -> np.ndarray:
     """The box's pixels resized to crop_size x crop_size (bilinear), as the encoder's crop_transform sees a cell."""
     from PIL import Image
@@ -58,7 +52,6 @@ def crop_box(image: np.ndarray, box: tuple[int, int, int, int], crop_size: int) 
 
 def load_crops(rows: list[dict], *, crop_size: int) -> np.ndarray:
     """(N, S, S, 3) uint8 crops of the rows' boxes; each image is decoded once. Unreadable images: one error."""
-    from PIL import Image
 
     crops = np.zeros((len(rows), crop_size, crop_size, 3), dtype=np.uint8)
     by_image: dict[str, list[int]] = defaultdict(list)
@@ -67,8 +60,7 @@ def load_crops(rows: list[dict], *, crop_size: int) -> np.ndarray:
     problems = []
     for path, idx in by_image.items():
         try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
+            image = load_rgb(path)
         except Exception as e:  # PIL raises many types for a broken file
             problems.append(f"image {path} ({len(idx)} cells, e.g. {rows[idx[0]].get('cell_id')}): {e}")
             continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,12 +24,12 @@ import torch
 
 from mil.atomic import atomic_write_text
 from mil.cell_table import CellTable
+from mil.checkpointing import AtomicCheckpointIO
 from mil.classifier import resume
 from mil.classifier.data import (
     AugmentConfig,
     CropDataset,
     _group_part,
-    classes_of,
     labelled_rows,
     load_crops,
     patient_split,
@@ -38,7 +39,7 @@ from mil.classifier.model import CellClassifierModule, normalization
 from mil.classifier.predict import load_classifier, predict_crops, predict_rows, save_checkpoint
 from mil.classifier.resume import RUN_DIR, ClassifierCheckpoint, EpochSampler, load_run, run_fingerprint
 from mil.errors import ConfigError, InputError, refuse_unknown_keys
-from mil.heads.module import AtomicCheckpointIO
+from mil.labels import classes_of
 from mil.quiet import quiet_lightning
 from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir
 
@@ -263,12 +264,16 @@ def _fit(module, config, *, crops, targets, mean, std, run_dir: Path, resume_fro
         dirpath=run_dir / CHECKPOINT_DIR,
         monitor="val_loss" if has_val else None,
         every_seconds=resume.LAST_EVERY_SECONDS,
+        sampler=train_loader.sampler,
+        batch_size=config.batch_size,
     )
     callbacks = [checkpoint] + ([_EpochPrinter()] if config.verbose else [])
     if has_val and config.patience > 0:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience))
     ckpt_path = str(resume_from) if resume_from else None
-    with quiet_lightning():  # the per-epoch lines of _EpochPrinter are what a user watches
+    with quiet_lightning(), warnings.catch_warnings():  # the per-epoch lines of _EpochPrinter are what a user watches
+        # Resumed inside an epoch, the sampler skips what was trained (ClassifierCheckpoint): Lightning cannot see it.
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         trainer = L.Trainer(
             max_epochs=config.max_epochs,
             max_steps=config.max_steps,

@@ -47,11 +47,11 @@ def run(args: argparse.Namespace) -> int:
 
     from mil.atomic import atomic_write_text
     from mil.cell_table import read_cell_table
-    from mil.classifier.data import classes_of
     from mil.detector.evaluate import evaluate_table
     from mil.detector.model import DetectorConfig
     from mil.detector.predict import CellDetector, detect_images
     from mil.detector.train import DetectorTrainConfig, train_detector
+    from mil.labels import classes_of
 
     cells = read_cell_table(args.cells)
     if args.classes == "cell":

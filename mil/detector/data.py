@@ -10,6 +10,7 @@ import torch
 
 from mil.cell_table import CellTable
 from mil.errors import InputError, listing
+from mil.images import load_rgb
 
 
 @dataclass
@@ -57,12 +58,12 @@ def load_scaled(path: str, pixel_scale: float) -> np.ndarray:
     """RGB uint8 image resized by `pixel_scale` (the scale the network works at)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if pixel_scale != 1.0:
-            size = (max(1, round(im.width * pixel_scale)), max(1, round(im.height * pixel_scale)))
-            im = im.resize(size, Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+    image = load_rgb(path)
+    if pixel_scale == 1.0:
+        return image
+    im = Image.fromarray(image)
+    size = (max(1, round(im.width * pixel_scale)), max(1, round(im.height * pixel_scale)))
+    return np.asarray(im.resize(size, Image.BILINEAR), dtype=np.uint8)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

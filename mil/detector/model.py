@@ -18,6 +18,7 @@ from torch import nn
 
 from mil.atomic import atomic_torch_save
 from mil.errors import ConfigError, InputError, refuse_unknown_keys
+from mil.runs import load_checkpoint
 
 CHECKPOINT_FORMAT = "cytomil-detector/1"
 
@@ -138,7 +139,7 @@ class TimmFPN(nn.Module):
             spec.timm_arch, pretrained=False, features_only=True, out_indices=spec.out_indices
         )
         if init == "imagenet":
-            from mil.classifier.model import lite0_imagenet_state_dict
+            from mil.imagenet import lite0_imagenet_state_dict
 
             missing, _ = self.body.load_state_dict(lite0_imagenet_state_dict(), strict=False)
             if missing:
@@ -221,13 +222,7 @@ def save_detector(path: str | Path, *, model: nn.Module, config: DetectorConfig,
 
 def load_detector(path: str | Path) -> tuple[nn.Module, DetectorConfig]:
     """(model in eval mode, config) from a checkpoint of `save_detector`."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"detector checkpoint {path} does not exist; train one with `mil train-detector`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, pickled code, not a torch file
-        raise InputError(f"detector checkpoint {path} cannot be read ({type(e).__name__}: {e}); retrain it") from e
+    ckpt = load_checkpoint(path, what="detector checkpoint", fix="train one with `mil train-detector`")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint; write it with `mil train-detector`")
     config = DetectorConfig.from_dict(dict(ckpt["config"], init="random"))  # the weights come from the file

@@ -14,6 +14,7 @@ from mil.detector.data import to_tensor
 from mil.detector.model import DetectorConfig, load_detector
 from mil.detector.tiling import Detections, detect_tiled
 from mil.errors import InputError
+from mil.images import load_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -82,14 +83,12 @@ def detect_images(
 ) -> CellTable:
     """(image path, patient id) pairs -> predicted cell table; the trained `detector` or, without one, the
     classical baseline. Boxes are clipped to the image and rounded to whole pixels."""
-    from PIL import Image
 
     rows = []
     for path, patient in images:
         path = Path(path).resolve()
         try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
+            image = load_rgb(path)
         except Exception as e:  # PIL raises many types for a broken file
             raise InputError(f"image {path} (patient {patient!r}) cannot be read ({e}); fix or drop it") from e
         found = detector.detect(image) if detector is not None else classical_detect(image, classical)

@@ -2,9 +2,10 @@
 
 A run keeps ``out_dir/run/`` like the classifier and the heads: ``run.json`` (fingerprint of configs, images,
 boxes and initial weights), ``checkpoints/last.ckpt`` (model, optimizer, schedule, epoch, history; written
-atomically every ``LAST_EVERY_SECONDS`` and at the end) and ``finished.json``. Killed, the same call resumes at
-the epoch after ``last.ckpt`` and ends with the weights of an uninterrupted run: the image order and the global
-RNG (the RPN's anchor sampling) are seeded per (seed, epoch), never carried over from earlier epochs.
+atomically every ``LAST_EVERY_SECONDS``, inside an epoch too, and at the end) and ``finished.json``. Killed, the
+same call resumes where ``last.ckpt`` left off, at the next batch of its epoch, and ends with the weights of an
+uninterrupted run: the image order and the global RNG (the RPN's anchor sampling) are seeded per (seed, epoch),
+never carried over from earlier epochs, and a checkpoint inside an epoch keeps the RNG state of its next batch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from mil.runs import (
     CHECKPOINT_DIR,
     FINISHED_FILE,
     epoch_seed,
+    global_rng_state,
+    load_checkpoint,
     prepare_run_dir,
+    restore_global_rng_state,
     run_digest,
     weight_settings,
     write_checkpoint,
@@ -101,26 +105,44 @@ def train_detector(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     history: dict[str, list[float]] = {"step_loss": [], "epoch_loss": []}
     step, start = 0, 0
+    inside: dict | None = None  # where a checkpoint written inside an epoch left off
     run_dir = out_dir / RUN_DIR
     last = run_dir / CHECKPOINT_DIR / "last.ckpt"
     state = prepare_run_dir(run_dir, _fingerprint(config, tc, samples, model), tc)
     if state != "fresh":
-        saved = torch.load(last, map_location=tc.device, weights_only=True)
+        fix = f"delete {run_dir} to train afresh (or run with --no-resume)"
+        saved = load_checkpoint(last, what="detector training checkpoint", fix=fix, map_location=tc.device)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         step, start, history = saved["step"], saved["epoch"] + 1, saved["history"]
+        if saved.get("inside") is not None:
+            start, inside = saved["epoch"], saved["inside"]
     written = time.monotonic()
+
+    def save(epoch: int, losses: list[float], *, done_in_epoch: int | None = None) -> None:
+        """last.ckpt; ``done_in_epoch`` batches of ``epoch`` done (None: the epoch is closed)."""
+        progress = {"epoch": epoch, "step": step, "history": history}
+        if done_in_epoch is not None:
+            progress["inside"] = {"batches": done_in_epoch, "losses": list(losses), "rng": global_rng_state()}
+        states = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        write_checkpoint(last, {**progress, **states, "scheduler": scheduler.state_dict()})
+
     for epoch in range(start, tc.epochs if step < total else start):
         dataset.epoch = epoch
         # Image order and the RPN's anchor sampling depend on (seed, epoch) only: a resumed epoch replays exactly.
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(epoch_seed(tc.seed, epoch, 0)))
         torch.manual_seed(epoch_seed(tc.seed, epoch, 1))
+        skip = int(inside["batches"]) if inside is not None else 0  # resumed inside this epoch: its next batch
+        losses = list(inside["losses"]) if inside is not None else []
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=tc.batch_size, sampler=order.tolist(), collate_fn=collate
+            dataset, batch_size=tc.batch_size, sampler=order.tolist()[skip * tc.batch_size :], collate_fn=collate
         )
-        losses = []
-        for images, targets in loader:
+        batch_iter = iter(loader)  # draws its base seed from the global RNG: before the saved state is restored
+        if inside is not None:
+            restore_global_rng_state(inside["rng"])
+            inside = None
+        for done, (images, targets) in enumerate(batch_iter, start=skip + 1):
             images = [im.to(tc.device) for im in images]
             targets = [{k: v.to(tc.device) for k, v in t.items()} for t in targets]
             loss_parts = model(images, targets)  # dict of RPN and box-head losses
@@ -137,6 +159,9 @@ def train_detector(
             step += 1
             if step >= total:
                 break
+            if done < batches and time.monotonic() - written >= LAST_EVERY_SECONDS:
+                save(epoch, losses, done_in_epoch=done)  # a long epoch killed midway loses little
+                written = time.monotonic()
         history["epoch_loss"].append(float(np.mean(losses)) if losses else float("nan"))
         if tc.verbose:
             print(
@@ -145,9 +170,7 @@ def train_detector(
             )
         final = step >= total or epoch + 1 == tc.epochs
         if final or time.monotonic() - written >= LAST_EVERY_SECONDS:
-            progress = {"epoch": epoch, "step": step, "history": history}
-            states = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-            write_checkpoint(last, {**progress, **states, "scheduler": scheduler.state_dict()})
+            save(epoch, losses)
             written = time.monotonic()
         if final:
             break

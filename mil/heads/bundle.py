@@ -16,6 +16,7 @@ from mil.atomic import atomic_torch_save
 from mil.errors import ConfigError
 from mil.heads.common import MilHead
 from mil.heads.registry import create_head
+from mil.runs import load_checkpoint
 
 BUNDLE_FORMAT = "cytomil-head/1"
 
@@ -104,8 +105,9 @@ class HeadBundle:
 
 
 def load_head_bundle(path: str | Path) -> HeadBundle:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != BUNDLE_FORMAT:
+    fix = "give a head bundle that `mil compare` wrote (its models/ folder)"
+    payload = load_checkpoint(path, what="head bundle", fix=fix)
+    if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
         raise ConfigError(f"{path} is not a head bundle ({BUNDLE_FORMAT}); `mil compare` writes them under models/")
     head = create_head(
         payload["head"], in_dim=payload["in_dim"], num_classes=len(payload["classes"]), **payload["head_kwargs"]

@@ -5,26 +5,14 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
+from mil.auroc import auroc_ovr
 from mil.heads.common import MilHead
 from mil.heads.data import BagDataset, BagRecord, LengthBucketSampler, length_batches, packed_collate, pad_collate
-from mil.protocol.metrics import auroc_ovr
-from mil.runs import write_checkpoint
 
 # Padded cells per validation forward pass: one pass for a typical validation split, bounded memory for big ones.
 VAL_CELLS_PER_BATCH = 32768
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written to a temp file, re-read with weights_only=True, then renamed (RELIABILITY 1, 6)."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        write_checkpoint(path, checkpoint)
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None):
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
 class HeadModule(L.LightningModule):

@@ -4,7 +4,7 @@ AdamW, class-weighted cross-entropy, random cell subsampling per bag in training
 batches, early stopping on the inner validation split with the best checkpoint restored, CSV logs
 always and wandb only when asked. Checkpoints are written atomically and loaded with
 ``weights_only=True``, every ``LAST_EVERY_SECONDS`` of training and at the end
-(``mil.heads.checkpoints.RunCheckpoint``); a run interrupted mid-epoch resumes from ``last.ckpt`` in its
+(``mil.checkpointing.RunCheckpoint``); a run interrupted mid-epoch resumes from ``last.ckpt`` in its
 ``log_dir`` and ends with the same weights, and a finished run is not trained again (its best checkpoint is reused).
 With ``devices > 1`` it trains with DDP (gloo on CPU, nccl on GPUs); see ``TrainConfig.strategy``. Every
 rank builds the same length-bucketed batch list and takes every ``devices``-th batch, so one optimiser step
@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from mil.atomic import atomic_write_text
+from mil.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from mil.errors import ConfigError, refuse_unknown_keys
-from mil.heads.checkpoints import RunCheckpoint
 from mil.heads.common import MilHead
 from mil.heads.data import BagRecord, check_records, covariate_width
-from mil.heads.module import AtomicCheckpointIO, HeadModule, evaluate_bags
+from mil.heads.module import HeadModule, evaluate_bags
 from mil.heads.registry import create_head
 from mil.quiet import quiet_lightning
-from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, prepare_run_dir, run_digest, weight_settings
+from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, load_checkpoint, prepare_run_dir, run_digest, weight_settings
 
 # A killed run loses at most this much training (plus the epoch in progress); every write is atomic with fsync
 # and a re-read. Short runs therefore write their checkpoints once, at the end.
@@ -185,7 +185,7 @@ def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: 
     callbacks = []
     if has_val:
         callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
-    # last.ckpt every LAST_EVERY_SECONDS and at the end, best.ckpt with it (see mil.heads.checkpoints: resume is exact).
+    # last.ckpt every LAST_EVERY_SECONDS and at the end, best.ckpt with it (see mil.checkpointing: resume is exact).
     callbacks.append(
         RunCheckpoint(
             dirpath=log_dir / CHECKPOINT_DIR,
@@ -263,9 +263,10 @@ def fit_predict(
             resume_from = ckpt_dir / "last.ckpt" if state == "resume" else None
             _train(module, run_config, log_dir, resume_from, has_val=bool(val))
         best = ckpt_dir / ("best.ckpt" if val else "last.ckpt")  # without validation the last epoch is kept
-        best_state = torch.load(best, map_location="cpu", weights_only=True)
+        best_state = load_checkpoint(best, what="head training checkpoint", fix=f"delete {log_dir} to train afresh")
         module.load_state_dict(best_state["state_dict"])
-        history = dict(torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["history"])
+        last = load_checkpoint(ckpt_dir / "last.ckpt", what="head training checkpoint", fix=f"delete {log_dir}")
+        history = dict(last["history"])
         history["best_epoch"] = int(best_state["epoch"])
         history["monitor"] = monitor
         if state != "finished" and is_global_zero():

@@ -1,15 +1,16 @@
-"""TransMIL (Shao et al. 2021): self-attention over the cells plus a convolutional positional encoding
+"""TransMIL (Shao et al. 2021): Nystrom self-attention over the cells plus a convolutional positional encoding
 (PPEG) on the cells laid out in a square, read out through a class token.
 
-Two departures from the paper, both so that padding changes no output (the head contract):
-- standard masked multi-head attention instead of the Nystrom approximation, whose landmarks would
-  mix padding into real tokens; cytology bags hold hundreds of cells, not the 10^4-10^5 patches of a
-  slide, so the exact O(N^2) attention is affordable;
+Memory grows linearly with the cells (``mil.heads.nystrom``): a 100,000-cell bag is a few hundred MB, not the
+160 GB of exact attention. Departures from the paper, all so that padding changes no output (the head contract):
+- the real cells are compacted to the front of each bag (in their order) before the first layer, and the
+  Nystrom landmarks are segments of each bag's own tokens, never of padding (see ``mil.heads.nystrom``); a bag of
+  at most ``landmarks`` tokens takes exact attention, the limit the approximation converges to;
 - each bag gets its own square of side ceil(sqrt(n)) for its n real cells, filled with zeros (the
   convolution's own padding value) instead of repeated cells; a batch stacks these squares in the
   top-left corner of one canvas, so a bag's PPEG output does not depend on its batch mates.
-Attention returned: the class token's attention to the cells in the last layer, averaged over heads
-and renormalised over the real cells.
+Attention returned: the class token's attention to the cells in the last layer, averaged over heads,
+clipped at 0 (the Nystrom row is approximate and can dip slightly below) and renormalised over the real cells.
 """
 
 from __future__ import annotations
@@ -17,32 +18,12 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import einsum, rearrange, repeat
+from einops import rearrange, repeat
 from torch import nn
 
-from mil.heads.common import MilHead, masked_softmax
+from mil.heads.common import MilHead
+from mil.heads.nystrom import NystromSelfAttention
 from mil.heads.registry import register_head
-
-
-class MaskedSelfAttention(nn.Module):
-    """Pre-norm residual multi-head self-attention in which padded tokens are never attended to."""
-
-    def __init__(self, *, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"hidden_dim={dim} must be divisible by heads={heads}")
-        self.heads = heads
-        self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
-        self.scale = (dim // heads) ** -0.5
-
-    def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = rearrange(self.qkv(self.norm(tokens)), "b t (three g d) -> three b g t d", three=3, g=self.heads)
-        scores = einsum(q, k, "b g t d, b g s d -> b g t s") * self.scale  # (B, G, T, T)
-        weights = masked_softmax(scores, rearrange(keep, "b s -> b 1 1 s"))  # (B, G, T, T)
-        mixed = rearrange(einsum(weights, v, "b g t s, b g s d -> b g t d"), "b g t d -> b t (g d)")  # (B, T, H)
-        return tokens + self.out(mixed), weights  # (B, T, H), (B, G, T, T)
 
 
 class PPEG(nn.Module):
@@ -82,26 +63,34 @@ class TransMIL(MilHead):
         num_classes: int,
         hidden_dim: int = 128,
         heads: int = 4,
+        landmarks: int | None = None,
         dropout: float = 0.25,
         covariate_dim: int = 0,
     ) -> None:
         super().__init__(in_dim=in_dim, num_classes=num_classes, covariate_dim=covariate_dim)
+        landmarks = landmarks or max(1, hidden_dim // 2)  # the paper's choice: half the hidden width
         self.project = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim) / math.sqrt(hidden_dim))
-        self.layer1 = MaskedSelfAttention(dim=hidden_dim, heads=heads, dropout=dropout)
+        self.layer1 = NystromSelfAttention(dim=hidden_dim, heads=heads, landmarks=landmarks, dropout=dropout)
         self.ppeg = PPEG(dim=hidden_dim)
-        self.layer2 = MaskedSelfAttention(dim=hidden_dim, heads=heads, dropout=dropout)
+        self.layer2 = NystromSelfAttention(dim=hidden_dim, heads=heads, landmarks=landmarks, dropout=dropout)
         self.norm = nn.LayerNorm(hidden_dim)
         self.classifier = nn.Linear(hidden_dim, num_classes)
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.project(x)  # (B, N, H)
+        counts = mask.sum(dim=1)  # (B,)
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, : int(counts.max())]  # (B, W) real first
+        mask_w = torch.gather(mask, 1, order)  # (B, W) each bag's first counts[b] positions
+        h = self.project(torch.gather(x, 1, repeat(order, "b w -> b w d", d=x.shape[2])))  # (B, W, H)
         cls = repeat(self.cls_token, "1 1 h -> b 1 h", b=h.shape[0])  # (B, 1, H)
-        keep = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # (B, 1+N) the class token is always real
-        tokens, _ = self.layer1(torch.cat([cls, h], dim=1), keep)  # (B, 1+N, H)
-        cells = self.ppeg(tokens[:, 1:], mask)  # (B, N, H)
-        tokens, weights = self.layer2(torch.cat([tokens[:, :1], cells], dim=1), keep)  # (B, 1+N, H), (B,G,T,T)
+        keep = torch.cat([torch.ones_like(mask_w[:, :1]), mask_w], dim=1)  # (B, 1+W) the class token is real
+        tokens, _ = self.layer1(torch.cat([cls, h], dim=1), keep)  # (B, 1+W, H)
+        cells = self.ppeg(tokens[:, 1:], mask_w)  # (B, W, H)
+        tokens, first_row = self.layer2(torch.cat([tokens[:, :1], cells], dim=1), keep)  # (B, 1+W, H), (B, G, 1+W)
         logits = self.classifier(self.norm(tokens[:, 0]))  # (B, C)
-        to_cells = weights[:, :, 0, 1:].mean(dim=1)  # (B, N) class token -> cells, mean over heads
-        attention = to_cells / to_cells.sum(dim=1, keepdim=True)  # (B, N) renormalised without the class token
+        to_cells = first_row[:, :, 1:].mean(dim=1).clamp(min=0) * mask_w  # (B, W) class token -> cells
+        total = to_cells.sum(dim=1, keepdim=True)  # (B, 1)
+        uniform = mask_w / counts[:, None]  # (B, W) only if every weight was clipped away
+        to_cells = torch.where(total > 0, to_cells / total.clamp(min=torch.finfo(total.dtype).tiny), uniform)
+        attention = to_cells.new_zeros(mask.shape).scatter(1, order, to_cells)  # (B, N) at the cells' own places
         return logits, attention

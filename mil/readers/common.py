@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from mil.cell_table import PatientTable
+from mil.cell_table import MAX_COORDINATE, PatientTable, diagnosis_spelling_problems, pick_separator
 from mil.errors import InputError, listing
 from mil.labels import DEFAULT_LABEL_MAP, LabelMap, identity_label_map, load_label_map, normalize_label
 
@@ -97,15 +97,22 @@ def read_csv_rows(
 ) -> list[tuple[int, dict]]:
     """Rows of a CSV as (line number, row) with stripped keys and values; missing columns are one clear error.
 
-    `delimiter=None` picks ';' when the header has ';' and no ',' (clinical tables exported in European
-    locales), ',' otherwise.
+    `delimiter=None` picks ',', ';' (clinical tables exported in European locales) or tab by the header
+    (``mil.cell_table.pick_separator``); a UTF-8 byte-order mark and CRLF line ends are read as they should be.
     """
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist; it needs columns {', '.join(required)}")
+    try:
+        return _read_csv_rows(path, required, what=what, delimiter=delimiter)
+    except UnicodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text ({e}); save it as UTF-8 CSV") from e
+
+
+def _read_csv_rows(path: Path, required: tuple[str, ...], *, what: str, delimiter: str | None):
     with path.open(newline="", encoding="utf-8-sig") as f:
         header = f.readline()
         if delimiter is None:
-            delimiter = ";" if ";" in header and "," not in header else ","
+            delimiter = pick_separator(header, required)
         f.seek(0)
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = [c.strip() for c in (reader.fieldnames or [])]
@@ -166,10 +173,21 @@ def apply_labels(rows: list[dict], label_map: LabelMap, where: list[str], proble
 
 def number(value: str, where: str, column: str, problems: Problems) -> float | None:
     try:
-        return float(value)
+        result = float(value)
     except (TypeError, ValueError):
         problems.add(f"{where}: {column} is {value!r}, not a number; write a number")
         return None
+    if not math.isfinite(result):  # 'inf', 'nan', and '1e400' (which reads as inf)
+        problems.add(f"{where}: {column} is {value!r}, not a finite number; write a finite number")
+        return None
+    return result
+
+
+def _pixel_coordinate(value) -> bool:
+    try:
+        return abs(float(value)) <= MAX_COORDINATE
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def box_in_image(
@@ -186,6 +204,9 @@ def box_in_image(
     has no pixel inside the image is a wrong annotation, never something to clip into a sliver. With
     `clip=False` (formats whose contract is boxes inside their image) any pixel outside is a problem.
     """
+    if not all(_pixel_coordinate(v) for v in box):  # inf, NaN, 1e400 (read as inf), None
+        problems.add(f"{where}: box {tuple(box)} has a coordinate that is no pixel position; fix or delete it")
+        return None
     x0, y0, x1, y1 = (math.floor(v + 0.5) for v in box)  # half up, not Python's half-to-even
     if x1 <= x0 or y1 <= y0:
         problems.add(f"{where}: box ({x0},{y0},{x1},{y1}) has zero or negative area; fix or delete the annotation")
@@ -268,3 +289,5 @@ def check_patient_rows(
         first.setdefault(pid, line)
         if not row.get(diagnosis_column, "").strip():
             problems.add(f"{path}:{line}: patient {pid!r} has no {diagnosis_column}; fill it in or remove the row")
+    for problem in diagnosis_spelling_problems([(f"line {line}", row.get(diagnosis_column, "")) for line, row in rows]):
+        problems.add(f"{path}: {problem}")

@@ -1,5 +1,9 @@
-"""Fewer checkpoint writes with the same resume guarantee: ``RunCheckpoint``.
+"""Lightning checkpointing shared by the Lightning trainers (attention heads, cell classifier): ``AtomicCheckpointIO``
+and ``RunCheckpoint``. The run-folder logic without Lightning is in ``mil.runs``.
 
+``AtomicCheckpointIO`` makes every ``trainer.save_checkpoint`` atomic and every load ``weights_only=True``.
+
+``RunCheckpoint``: fewer checkpoint writes with the same resume guarantee.
 Lightning's two ModelCheckpoint callbacks wrote ``last.ckpt`` every epoch and ``best.ckpt`` at every
 improvement, each atomically (temp file, fsync, re-read with ``weights_only=True``, rename): on a short CPU
 run that was ~10% of the wall time. Here the best epoch's weights are copied in memory when the monitor improves
@@ -17,9 +21,21 @@ import math
 import time
 from pathlib import Path
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
-from mil.runs import write_checkpoint
+from mil.runs import load_checkpoint, write_checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temp file, re-read with weights_only=True, then renamed (RELIABILITY 1, 6)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        write_checkpoint(path, checkpoint)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        fix = f"delete {Path(path).parent.parent} to train afresh (or run with --no-resume)"
+        return load_checkpoint(path, what="training checkpoint", fix=fix, map_location=map_location or "cpu")
 
 
 class RunCheckpoint(Checkpoint):
