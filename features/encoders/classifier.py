@@ -53,10 +53,9 @@ def load_classifier_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[
     path = Path(path)
     if not path.is_file():
         raise InputError(f"classifier checkpoint {path} does not exist; train one with `mil train-classifier`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise InputError(f"cannot read {path} as a {FORMAT} checkpoint (torch.load weights_only=True): {e}") from e
+    from mil.runs import load_checkpoint  # refuses pickles unread, with a plain message (RELIABILITY 6)
+
+    ckpt = load_checkpoint(path, what=f"{FORMAT} classifier checkpoint", fix="train one with `mil train-classifier`")
     ckpt = _check_checkpoint(ckpt, path)
     if not timm.is_model(ckpt["arch"]):
         raise InputError(f"{path}: arch {ckpt['arch']!r} is not a timm architecture")

@@ -417,13 +417,14 @@ def _fit_attention(name, config, fs, loaded, target, classes, out, norm, encoder
 
 def _save_bundle(path, name, train_config, result, in_dim, shift, scale, classes, meta) -> None:
     """The fold's trained head with its feature standardisation: `mil attention` reruns it for deletion curves."""
-    import torch
 
     from mil.heads.bundle import save_head_bundle
 
     if not result.best_checkpoint:
         return
-    state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    from mil.runs import load_checkpoint
+
+    state = load_checkpoint(result.best_checkpoint, what="best checkpoint", fix="rerun `mil compare`")["state_dict"]
     head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
     kwargs = {"hidden_dim": train_config.hidden_dim, "dropout": train_config.dropout, **train_config.head_kwargs}
     if result.covariate_shift is not None:
