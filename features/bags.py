@@ -4,13 +4,9 @@ A bag counts as done only when it validates (RELIABILITY.md promise 1): the writ
 mil.atomic.atomic_path, re-opens the temporary file and checks row counts, width, finiteness and digests
 before the rename. `features` is the dataset name CLAM, TRIDENT and torchmil read, so bags open there too.
 
-A bag is what it says it is (promise 7): it records the patient id it was written for (it must equal the file
-name) and an xxh3-128 digest of each array (`digests`, computed once at write; xxh3 reads ~26 GB/s against
-BLAKE2b's ~0.65 GB/s here, so checking a 4 MB bag costs ~0.2 ms instead of ~6 ms); every read refuses a
-dataset stored outside the file (a link, a virtual dataset, external raw storage), before touching it.
-Features beyond +-65504 are refused (promise 10): no encoder gives such values (deep encoders stay within
-+-10 even on noise input, the handcrafted morphology encoder within ~2e4 at 224 px), 65504 is float16's
-largest value, so a bag's dtype never decides whether it is accepted, and 1e30 never reaches a head.
+A bag is what it says it is (promise 7; features/integrity.py): it records the patient id it was written for
+(the file name must match) and a digest of each array; every read refuses data stored outside the file, and
+features beyond +-65504 (promise 10).
 """
 
 from __future__ import annotations
@@ -25,6 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from features.integrity import (
+    NOT_A_BAG,
+    BagProblem,
+    array_digest,
+    digest_problems,
+    header_problems,
+    magnitude_problem,
+    storage_problem,
+)
 from mil import __version__
 from mil.atomic import atomic_path, atomic_write_text
 from mil.errors import ConfigError, InputError, listing
@@ -48,45 +53,7 @@ REQUIRED_ATTRS = (
 )
 # Attributes stored as JSON text in the file and handed out decoded in Bag.attrs.
 JSON_ATTRS = ("encoder_config", "label_classes", "skipped", "preprocess", "digests")
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-FEATURE_LIMIT = FLOAT16_MAX  # |feature| above it: no encoder produces it (module docstring)
-DIGEST_ALGORITHM = "xxh3_128"
 ARRAY_NAMES = (*REQUIRED_DATASETS, "cell_probs")  # every dataset a reader of bags touches
-NOT_A_BAG = "not a bag (no cytomil attributes)"
-SCALE_OUTLIER_FACTOR = 10.0
-
-
-class BagProblem(str):
-    """One problem of a bag file, as text, with its kind: damaged | outside | renamed | old | stranger.
-
-    `outside` (a dataset stored outside the file), `renamed` (another patient's id) and `old` (no digests) make a
-    directory unusable for training as a whole; `stranger` (not a bag at all) is ignored with a note; `damaged`
-    bags are left out (and recomputed by `mil extract`)."""
-
-    kind: str
-    files: tuple[str, ...]  # the file names a directory-level problem (`duplicate`) is about
-
-    def __new__(cls, text: str, kind: str = "damaged", files: tuple[str, ...] = ()) -> BagProblem:
-        problem = super().__new__(cls, text)
-        problem.kind, problem.files = kind, tuple(files)
-        return problem
-
-
-def array_digest(values: Any) -> str:
-    """`xxh3_128:<hex>` of an array as stored (dtype, shape, bytes); a list of strings by their UTF-8 bytes."""
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    if isinstance(values, list | tuple) or (isinstance(values, np.ndarray) and values.dtype.kind in "OUS"):
-        encoded = [str(v).encode("utf-8") for v in values]
-        h.update(b"utf-8 strings")
-        h.update(np.array([len(e) for e in encoded], dtype="<i8"))
-        h.update(b"".join(encoded))
-    else:
-        array = np.ascontiguousarray(values)
-        h.update(f"{array.dtype.str}{array.shape}".encode())
-        h.update(array)
-    return f"{DIGEST_ALGORITHM}:{h.hexdigest()}"
 
 
 def config_dict(config: Any) -> dict:
@@ -184,20 +151,6 @@ def _nonfinite_problem(name: str, values: np.ndarray, cell_ids: list[str] | None
     return f"{name} has NaN/inf in {len(rows)} row(s), first row {first}{who}"
 
 
-def _magnitude_problem(values: np.ndarray, cell_ids: list[str] | None = None) -> str | None:
-    over = np.abs(values) > FEATURE_LIMIT  # (N, D); NaN compares False and is reported by _nonfinite_problem
-    if not over.any():
-        return None
-    rows = np.flatnonzero(over.any(axis=1))
-    first = int(rows[0])
-    who = f" (cell {cell_ids[first]!r})" if cell_ids is not None and first < len(cell_ids) else ""
-    return (
-        f"features exceed +-{FEATURE_LIMIT:.0f} in {len(rows)} row(s), first row {first}{who}, largest "
-        f"|value| {float(np.abs(values[rows]).max()):.3g}: no encoder produces such values (the encoder, its "
-        "weights or its input are broken)"
-    )
-
-
 def _prepare_features(bag: Bag, dtype: str) -> np.ndarray:
     """Cast features to the stored dtype; NaN/inf and values beyond FEATURE_LIMIT are refused naming patient and
     row (FEATURE_LIMIT is float16's largest value, so the cast never overflows)."""
@@ -207,7 +160,7 @@ def _prepare_features(bag: Bag, dtype: str) -> np.ndarray:
     problem = _nonfinite_problem("features", as32, bag.cell_id)
     if problem:
         raise InputError(f"{where}: {problem}; the encoder produced non-finite embeddings, nothing was written")
-    problem = _magnitude_problem(as32, bag.cell_id)
+    problem = magnitude_problem(as32, bag.cell_id)
     if problem:
         raise InputError(f"{where}: {problem}; nothing was written")
     return feats.astype(dtype, copy=False)
@@ -289,102 +242,10 @@ def _decode_attrs(raw: Any) -> dict:
     return attrs
 
 
-def _storage_problem(f: Any, path: Path) -> BagProblem | None:
-    """A dataset a reader would follow out of the file (an external or soft link, a virtual dataset, external raw
-    storage), found from the link and the dataset's creation properties, before any of its data is touched."""
-    import h5py
-    from h5py import h5d, h5l
-
-    for name in ARRAY_NAMES:
-        key = name.encode()
-        if not f.id.links.exists(key):  # looks at the link only, never follows it
-            continue
-        kind = f.id.links.get_info(key).type
-        what = None
-        if kind == h5l.TYPE_EXTERNAL:
-            link = f.get(name, getlink=True)
-            what = f"an external link to {link.filename}:{link.path}"
-        elif kind == h5l.TYPE_SOFT:
-            what = f"a soft link to {f.get(name, getlink=True).path}"
-        elif kind != h5l.TYPE_HARD:
-            what = "a user-defined link"
-        elif f.get(name, getclass=True) is not h5py.Dataset:
-            what = "not a dataset"
-        else:
-            plist = f[name].id.get_create_plist()
-            if plist.get_layout() == h5d.VIRTUAL:
-                what = "a virtual dataset (its data lives in other files)"
-            elif plist.get_external_count():
-                files = sorted({plist.get_external(i)[0].decode() for i in range(plist.get_external_count())})
-                what = f"stored in external raw file(s) {files}"
-        if what is not None:
-            return BagProblem(
-                f"{path}: dataset {name!r} is {what}, not data stored in the bag file; cytomil reads only a bag's "
-                "own data. Run `mil extract` again to recompute it.",
-                "outside",
-            )
-    return None
-
-
 def _expected_patient(path: Path, patient_id: str | None) -> str | None:
     if patient_id is not None:
         return patient_id
     return path.name[: -len(BAG_SUFFIX)] if path.name.endswith(BAG_SUFFIX) else None
-
-
-def _header_problems(f: Any, path: Path, expected: str | None) -> list[BagProblem]:
-    """Problems seen in the attributes alone: not a bag, an older or newer schema, another patient's id."""
-    attrs = f.attrs
-    if "schema_version" not in attrs and "patient_id" not in attrs:
-        return [
-            BagProblem(
-                f"{path} is {NOT_A_BAG}: `mil extract` did not write it. Training ignores it; move it out of the "
-                "bag folder to silence this note.",
-                "stranger",
-            )
-        ]
-    version = attrs.get("schema_version")
-    if version is not None and int(version) < SCHEMA_VERSION:
-        return [
-            BagProblem(
-                f"{path} was written by an older version of cytomil (schema {int(version)}, no content digest); run "
-                "`mil extract` again with the same settings into this folder: it recomputes such bags.",
-                "old",
-            )
-        ]
-    if version is not None and int(version) > SCHEMA_VERSION:
-        return [BagProblem(f"{path} has schema_version {int(version)}, expected {SCHEMA_VERSION}: upgrade cytomil")]
-    recorded = attrs.get("patient_id")
-    recorded = recorded.decode() if isinstance(recorded, bytes) else recorded
-    if expected is not None and recorded is not None and str(recorded) != expected:
-        return [
-            BagProblem(
-                f"{path} records patient {str(recorded)!r} but is named for {expected!r}: a renamed or copied bag, "
-                "whose cells would train under the wrong diagnosis. Give it back its name, or run `mil extract` again: "
-                "it recomputes this patient's bag.",
-                "renamed",
-            )
-        ]
-    return []
-
-
-def _digest_problems(path: Path, bag: Bag) -> list[BagProblem]:
-    recorded = dict(bag.attrs.get("digests") or {})
-    problems = []
-    for name in ARRAY_NAMES:
-        values = getattr(bag, name)
-        if values is None:
-            continue
-        if name not in recorded:
-            problems.append(BagProblem(f"{path}: {name} has no recorded digest; run `mil extract` again"))
-        elif array_digest(values) != recorded[name]:
-            problems.append(
-                BagProblem(
-                    f"{path}: {name} does not match its recorded digest (edited after writing, or damaged on disk); "
-                    "run `mil extract` again to recompute it"
-                )
-            )
-    return problems
 
 
 def _inspect(path: Path, *, full: bool, patient_id: str | None = None) -> tuple[Bag | None, list[BagProblem]]:
@@ -399,10 +260,10 @@ def _inspect(path: Path, *, full: bool, patient_id: str | None = None) -> tuple[
         return None, [BagProblem(f"{path} is empty (0 bytes): a killed writer or a failed copy")]
     try:
         with h5py.File(path, "r") as f:
-            outside = _storage_problem(f, path)
+            outside = storage_problem(f, path, ARRAY_NAMES)
             if outside is not None:
                 return None, [outside]
-            header = _header_problems(f, path, _expected_patient(path, patient_id))
+            header = header_problems(f, path, _expected_patient(path, patient_id), SCHEMA_VERSION)
             if header:
                 return None, header
             missing = [d for d in REQUIRED_DATASETS if d not in f]
@@ -441,10 +302,11 @@ def _inspect(path: Path, *, full: bool, patient_id: str | None = None) -> tuple[
             )
             if problem:
                 problems.append(BagProblem(f"{path}: {problem}"))
-        problem = _magnitude_problem(bag.features.astype(np.float32, copy=False), bag.cell_id)
+        problem = magnitude_problem(bag.features.astype(np.float32, copy=False), bag.cell_id)
         if problem:
             problems.append(BagProblem(f"{path}: {problem}"))
-        problems += _digest_problems(path, bag)
+        arrays = {name: getattr(bag, name) for name in ARRAY_NAMES if getattr(bag, name) is not None}
+        problems += digest_problems(path, arrays, bag.attrs.get("digests"))
     return bag, problems
 
 
@@ -486,8 +348,8 @@ def read_bag_features(path: str | Path, *, verify_digest: bool = True) -> np.nda
     problem = None
     try:
         with h5py.File(path, "r") as f:
-            refused = _storage_problem(f, path) or next(
-                iter(_header_problems(f, path, _expected_patient(path, None))), None
+            refused = storage_problem(f, path, ARRAY_NAMES) or next(
+                iter(header_problems(f, path, _expected_patient(path, None), SCHEMA_VERSION)), None
             )
             if refused is None:
                 version = f.attrs.get("schema_version")
@@ -504,7 +366,7 @@ def read_bag_features(path: str | Path, *, verify_digest: bool = True) -> np.nda
             problem = f"its features are {features.dtype} of shape {features.shape}, not (cells >= 1, dim) float16/32"
         else:
             as32 = features.astype(np.float32, copy=False)
-            problem = _nonfinite_problem("features", as32) or _magnitude_problem(as32)
+            problem = _nonfinite_problem("features", as32) or magnitude_problem(as32)
             recorded = json.loads(digests).get("features") if problem is None and verify_digest else None
             if problem is None and verify_digest and recorded != array_digest(features):
                 problem = "its features do not match their recorded digest (edited after writing, or damaged on disk)"
@@ -519,30 +381,13 @@ def read_bag_header(path: str | Path) -> dict:
 
     path = Path(path)
     with h5py.File(path, "r") as f:
-        outside = _storage_problem(f, path)
+        outside = storage_problem(f, path, ARRAY_NAMES)
         if outside is not None:
             raise InputError(str(outside))
         attrs = _decode_attrs(f.attrs)
         attrs["num_cells"], attrs["feature_dim"] = (int(s) for s in f["features"].shape)
         attrs["features_dtype"] = str(f["features"].dtype)
     return attrs
-
-
-def feature_scale(features: np.ndarray) -> float:
-    """A bag's feature scale: the root mean square of its values (float64, so no overflow)."""
-    return float(np.sqrt(np.mean(np.square(features, dtype=np.float64))))
-
-
-def scale_outliers(scales: dict[str, float], factor: float = SCALE_OUTLIER_FACTOR) -> dict[str, float]:
-    """Bags (of 3 or more) whose feature scale is more than `factor` times above or below the median bag's:
-    name -> scale / median. One encoder gives bags of one scale; a bag far off was made differently (other
-    preprocessing, a broken image source) and would dominate a fold's standardisation."""
-    if len(scales) < 3:
-        return {}
-    median = float(np.median(list(scales.values())))
-    if median <= 0:
-        return {}
-    return {k: v / median for k, v in scales.items() if v > factor * median or v < median / factor}
 
 
 def bag_path(bag_dir: str | Path, patient_id: str) -> Path:

@@ -15,9 +15,7 @@ from test_compare import compare, write_cohort
 from test_extract import bag_arrays, extract, make_cohort
 
 from features.bags import (
-    NOT_A_BAG,
     BagDirectory,
-    array_digest,
     bag_path,
     read_bag,
     read_bag_features,
@@ -25,6 +23,7 @@ from features.bags import (
     validate_bag,
     write_bag,
 )
+from features.integrity import NOT_A_BAG, array_digest
 from mil.cli import main as mil_main
 from mil.errors import InputError
 
