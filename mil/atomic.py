@@ -154,8 +154,13 @@ def atomic_torch_save(obj, final: str | os.PathLike, validate: Callable[[Path], 
     """``torch.save`` through ``atomic_path``. It writes to an open file, not to the temporary path: given a path,
     torch names the archive's inner folder after the file, so the random temp name made every save of the same
     object different bytes, and a checkpoint's sha256 (which bags record for their encoder) changed on every
-    rewrite, marking unchanged bags stale."""
+    rewrite, marking unchanged bags stale. It serialises into memory first: torch reports a failed write as a
+    RuntimeError, while a plain write of the bytes gives the OSError that becomes a DiskFullError."""
+    import io
+
     import torch
 
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(final, validate) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())

@@ -192,3 +192,40 @@ def test_promise9_a_full_tmpfs_is_a_plain_disk_full_error(tmp_path):
         pytest.skip(f"no private tmpfs here (unshare/mount exit {done.returncode})")
     err = (tmp_path / "log.err").read_text().replace(str(mnt / "bags"), str(copy))
     _assert_disk_full_handled(int((tmp_path / "log.rc").read_text()), err, copy)
+
+
+def test_promise9_every_atomic_writer_turns_a_full_disk_into_one_plain_error(tmp_path):
+    """Text, torch checkpoints and bags: DiskFullError naming the path, no temporary file, the old file kept."""
+    script = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np, torch
+sys.path.insert(0, "tests")
+from test_bags import make_bag
+from features.bags import write_bag
+from mil.atomic import DiskFullError, atomic_torch_save, atomic_write_text
+out = Path(sys.argv[1])
+atomic_write_text(out / "kept.txt", "old")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+writes = {
+    "kept.txt": lambda: atomic_write_text(out / "kept.txt", "x" * 20000),
+    "w.pt": lambda: atomic_torch_save({"w": torch.zeros(5000)}, out / "w.pt"),
+    "P1.h5": lambda: write_bag(out / "P1.h5", make_bag("P1", n=200, dim=64)),
+}
+for name, write in writes.items():
+    try:
+        write()
+    except DiskFullError as e:
+        print(e)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        f"no space left on device writing {tmp_path / name}" for name in ("kept.txt", "w.pt", "P1.h5")
+    ]
+    assert (tmp_path / "kept.txt").read_text() == "old" and leftover_temp_files(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]
