@@ -275,10 +275,14 @@ def output_lock(
     owner = _now_owner(command, part, settings)
     deadline = time.monotonic() + wait
     announced = False
+    ghosts = 0
     while True:
         got = _acquire(folder, owner)
         if isinstance(got, tuple):
             break
+        if got and all(h.host == this_host() and not pid_alive(h.pid) for h in got) and ghosts < 20:
+            ghosts += 1  # the record of a killed run, while another process probes the lock for a moment: retry
+            got = []
         if got and time.monotonic() >= deadline:
             raise FolderBusyError(_busy_message(folder, got))
         if got and not announced:
