@@ -46,10 +46,10 @@ def array_digest(values: Any) -> str:
 
     h = xxhash.xxh3_128()
     if isinstance(values, list | tuple) or (isinstance(values, np.ndarray) and values.dtype.kind in "OUS"):
-        encoded = [str(v).encode("utf-8") for v in values]
+        texts = [str(v) for v in values]  # lengths in characters + the joined text: one list, one digest
         h.update(b"utf-8 strings")
-        h.update(np.array([len(e) for e in encoded], dtype="<i8"))
-        h.update(b"".join(encoded))
+        h.update(np.fromiter(map(len, texts), dtype="<i8", count=len(texts)))
+        h.update("".join(texts).encode("utf-8"))
     else:
         array = np.ascontiguousarray(values)
         h.update(f"{array.dtype.str}{array.shape}".encode())
