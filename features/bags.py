@@ -260,12 +260,12 @@ def _inspect(path: Path, *, full: bool, patient_id: str | None = None) -> tuple[
         return None, [BagProblem(f"{path} is empty (0 bytes): a killed writer or a failed copy")]
     try:
         with h5py.File(path, "r") as f:
+            header = header_problems(f, path, _expected_patient(path, patient_id), SCHEMA_VERSION)  # attributes only
+            if header:
+                return None, header
             outside = storage_problem(f, path, ARRAY_NAMES)
             if outside is not None:
                 return None, [outside]
-            header = header_problems(f, path, _expected_patient(path, patient_id), SCHEMA_VERSION)
-            if header:
-                return None, header
             missing = [d for d in REQUIRED_DATASETS if d not in f]
             missing_attrs = [a for a in REQUIRED_ATTRS if a not in f.attrs]
             if missing or missing_attrs:
@@ -348,9 +348,8 @@ def read_bag_features(path: str | Path, *, verify_digest: bool = True) -> np.nda
     problem = None
     try:
         with h5py.File(path, "r") as f:
-            refused = storage_problem(f, path, ARRAY_NAMES) or next(
-                iter(header_problems(f, path, _expected_patient(path, None), SCHEMA_VERSION)), None
-            )
+            header = header_problems(f, path, _expected_patient(path, None), SCHEMA_VERSION)
+            refused = header[0] if header else storage_problem(f, path, ARRAY_NAMES)
             if refused is None:
                 version = f.attrs.get("schema_version")
                 digests = f.attrs.get("digests")
