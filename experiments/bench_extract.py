@@ -9,7 +9,8 @@ the batch shapes extraction used, in the same process, interleaved with the extr
 from other processes on a shared machine hits both alike. One more run per repeat normalises every field's
 colours first (`--stain-norm reinhard`, one of the cohort's fields as reference) to show that option's cost.
 Reads: `read_bag` (validates, reads every array) and plain h5py `features` against np.load of the same
-arrays saved as .npy.
+arrays saved as .npy, and `read_bag_features` (what training reads) with and without the check of its
+recorded xxh3 digest (`--skip-extract` runs only the reads).
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def cpu_seconds() -> float:
 def bench_read(args, work: Path) -> list[tuple[str, str]]:
     import h5py
 
-    from features.bags import Bag, read_bag, write_bag
+    from features.bags import ARRAY_NAMES, Bag, array_digest, read_bag, read_bag_features, write_bag
 
     rng = np.random.default_rng(1)
     folder = work / "read"
@@ -208,9 +209,9 @@ def bench_read(args, work: Path) -> list[tuple[str, str]]:
         for key in ("features", "boxes", "image_index", "label"):
             np.save(folder / f"{pid}.{key}.npy", getattr(bag, key))
 
-    def timed(fn) -> float:
+    def timed(fn, passes: int = 3) -> float:
         rates = []
-        for _ in range(3):
+        for _ in range(passes):
             start = time.perf_counter()
             for pid in names:
                 fn(pid)
@@ -227,8 +228,34 @@ def bench_read(args, work: Path) -> list[tuple[str, str]]:
         lambda pid: [np.load(folder / f"{pid}.{k}.npy") for k in ("features", "boxes", "image_index", "label")]
     )
     npy_feat = timed(lambda pid: np.load(folder / f"{pid}.features.npy"))
+    # Interleaved passes, so that load from other processes hits both alike; median of 7 each. CPU seconds of this
+    # process are what other processes' load disturbs least.
+    with_digest, without, cpu = [], [], {True: [], False: []}
+    for _ in range(7):
+        for verify, rates in ((True, with_digest), (False, without)):
+            cpu0 = time.process_time()
+            rates.append(timed(lambda pid, v=verify: read_bag_features(folder / f"{pid}.h5", verify_digest=v), 1))
+            cpu[verify].append(time.process_time() - cpu0)
+    checked, unchecked = statistics.median(with_digest), statistics.median(without)
+    ratios = [a / b for a, b in zip(with_digest, without)]
+    cpu_ratio = statistics.median(cpu[False]) / statistics.median(cpu[True])
+    bag = read_bag(folder / f"{names[0]}.h5")
+    arrays = [getattr(bag, name) for name in ARRAY_NAMES if getattr(bag, name) is not None]
+    start = time.perf_counter()
+    for _ in range(20):
+        for values in arrays:
+            array_digest(values)
+    all_digests_ms = (time.perf_counter() - start) / 20 * 1e3
     what = f"{args.read_bags} bags of {args.read_cells} x {args.read_dim} float32, warm page cache"
     return [
+        (f"read_bag_features, digest checked (what training reads; {what})", f"{checked:,.0f} bags/s"),
+        ("read_bag_features without the digest check", f"{unchecked:,.0f} bags/s"),
+        (
+            "digest check: rate with / without (median of 7 interleaved passes; per-pass range)",
+            f"{checked / unchecked:.3f} ({min(ratios):.3f}-{max(ratios):.3f})",
+        ),
+        ("digest check: bags per CPU-second with / without (median of 7)", f"{cpu_ratio:.3f}"),
+        (f"xxh3 digests of all {len(arrays)} arrays of one bag (read_bag, verify)", f"{all_digests_ms:.2f} ms"),
         (f"read_bag, validated, all arrays ({what})", f"{full:,.0f} bags/s"),
         ("np.load of the same 4 arrays from .npy", f"{npy_all:,.0f} bags/s"),
         ("h5py `features` only", f"{plain:,.0f} bags/s"),
@@ -271,11 +298,12 @@ def main() -> None:
     parser.add_argument("--read-dim", type=int, default=512)
     parser.add_argument("--skip-read", action="store_true")
     parser.add_argument("--skip-stain-norm", action="store_true", help="leave out the --stain-norm reinhard runs")
+    parser.add_argument("--skip-extract", action="store_true", help="only the bag reads")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp folder)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_extract_", dir=args.workdir))
     try:
-        rows = bench_extract(args, work)
+        rows = [] if args.skip_extract else bench_extract(args, work)
         if not args.skip_read:
             rows += bench_read(args, work)
     finally:

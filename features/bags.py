@@ -1,25 +1,40 @@
 """Per-patient HDF5 bags of cell embeddings (PRODUCT.md 2.3): schema, atomic writer, validator, directory.
 
 A bag counts as done only when it validates (RELIABILITY.md promise 1): the writer goes through
-mil.atomic.atomic_path, re-opens the temporary file and checks row counts, width and finiteness before
-the rename. `features` is the dataset name CLAM, TRIDENT and torchmil read, so bags open there too.
+mil.atomic.atomic_path, re-opens the temporary file and checks row counts, width, finiteness and digests
+before the rename. `features` is the dataset name CLAM, TRIDENT and torchmil read, so bags open there too.
+
+A bag is what it says it is (promise 7; features/integrity.py): it records the patient id it was written for
+(the file name must match) and a digest of each array; every read refuses data stored outside the file, and
+features beyond +-65504 (promise 10).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from features.integrity import (
+    NOT_A_BAG,
+    BagProblem,
+    array_digest,
+    digest_problems,
+    header_problems,
+    magnitude_problem,
+    storage_problem,
+)
 from mil import __version__
 from mil.atomic import atomic_path, atomic_write_text
 from mil.errors import ConfigError, InputError, listing
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added `digests`; bags of schema 1 are recomputed by `mil extract`
 BAG_SUFFIX = ".h5"
 MANIFEST_NAME = "manifest.json"
 FEATURE_DTYPES = ("float16", "float32")
@@ -34,10 +49,11 @@ REQUIRED_ATTRS = (
     "created",
     "label_classes",
     "skipped",
+    "digests",
 )
 # Attributes stored as JSON text in the file and handed out decoded in Bag.attrs.
-JSON_ATTRS = ("encoder_config", "label_classes", "skipped", "preprocess")
-FLOAT16_MAX = float(np.finfo(np.float16).max)
+JSON_ATTRS = ("encoder_config", "label_classes", "skipped", "preprocess", "digests")
+ARRAY_NAMES = (*REQUIRED_DATASETS, "cell_probs")  # every dataset a reader of bags touches
 
 
 def config_dict(config: Any) -> dict:
@@ -136,20 +152,17 @@ def _nonfinite_problem(name: str, values: np.ndarray, cell_ids: list[str] | None
 
 
 def _prepare_features(bag: Bag, dtype: str) -> np.ndarray:
-    """Cast features to the stored dtype; NaN/inf and float16 overflow are refused naming patient and row."""
+    """Cast features to the stored dtype; NaN/inf and values beyond FEATURE_LIMIT are refused naming patient and
+    row (FEATURE_LIMIT is float16's largest value, so the cast never overflows)."""
     feats = np.asarray(bag.features)
     where = f"bag of patient {bag.patient_id!r}"
-    problem = _nonfinite_problem("features", feats.astype(np.float32, copy=False), bag.cell_id)
+    as32 = feats.astype(np.float32, copy=False)
+    problem = _nonfinite_problem("features", as32, bag.cell_id)
     if problem:
         raise InputError(f"{where}: {problem}; the encoder produced non-finite embeddings, nothing was written")
-    if dtype == "float16":
-        over = np.abs(feats.astype(np.float32, copy=False)) > FLOAT16_MAX
-        if over.any():
-            row = int(np.flatnonzero(over.any(axis=1))[0])
-            raise InputError(
-                f"{where}: features overflow float16 (|value| > {FLOAT16_MAX:.0f}) in row {row} "
-                f"(cell {bag.cell_id[row]!r}); store them with --dtype float32"
-            )
+    problem = magnitude_problem(as32, bag.cell_id)
+    if problem:
+        raise InputError(f"{where}: {problem}; nothing was written")
     return feats.astype(dtype, copy=False)
 
 
@@ -183,24 +196,36 @@ def write_bag(path: str | Path, bag: Bag, *, dtype: str | None = None) -> Path:
         if problem:
             raise InputError(f"bag of patient {bag.patient_id!r}: {problem}; nothing was written")
     text = h5py.string_dtype("utf-8")
+    arrays: dict[str, Any] = {
+        "features": features,
+        "boxes": np.asarray(bag.boxes, dtype=np.int32).reshape(-1, 4),
+        "image_index": np.asarray(bag.image_index, dtype=np.int32),
+        "image_paths": [str(p) for p in bag.image_paths],
+        "cell_id": [str(c) for c in bag.cell_id],
+        "label": np.asarray(bag.label, dtype=np.int64),
+    }
+    if bag.cell_probs is not None:
+        arrays["cell_probs"] = np.asarray(bag.cell_probs, dtype=np.float32)
+    attrs["digests"] = {name: array_digest(values) for name, values in arrays.items()}
 
     def validate(tmp: Path) -> None:
-        found = validate_bag(tmp)
+        found = _inspect(tmp, full=True, patient_id=bag.patient_id)[1]
         if found:
             raise OSError(f"bag {path} did not validate after writing:\n{listing(found)}")
 
-    with atomic_path(path, validate) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=features)
-        f.create_dataset("boxes", data=np.asarray(bag.boxes, dtype=np.int32).reshape(-1, 4))
-        f.create_dataset("image_index", data=np.asarray(bag.image_index, dtype=np.int32))
-        f.create_dataset("image_paths", data=[str(p) for p in bag.image_paths], dtype=text)
-        f.create_dataset("cell_id", data=[str(c) for c in bag.cell_id], dtype=text)
-        f.create_dataset("label", data=np.asarray(bag.label, dtype=np.int64))
-        if bag.cell_probs is not None:
-            f.create_dataset("cell_probs", data=np.asarray(bag.cell_probs, dtype=np.float32))
-        for key, value in attrs.items():
-            structured = key in JSON_ATTRS or isinstance(value, dict | list | tuple)
-            f.attrs[key] = canonical_json(value) if structured else value
+    # Built in memory, written by one plain write: HDF5 never meets a full disk (its error cascade at close could
+    # end the process); a full disk is then an ordinary OSError, which atomic_path turns into DiskFullError.
+    with atomic_path(path, validate) as tmp:
+        with h5py.File(tmp.name, "w", driver="core", backing_store=False) as f:
+            for name, values in arrays.items():
+                f.create_dataset(name, data=values, dtype=text if isinstance(values, list) else None)
+            for key, value in attrs.items():
+                structured = key in JSON_ATTRS or isinstance(value, dict | list | tuple)
+                f.attrs[key] = canonical_json(value) if structured else value
+            f.flush()
+            image = f.id.get_file_image()
+        with open(tmp, "wb") as out:
+            out.write(image)
     return path
 
 
@@ -217,27 +242,40 @@ def _decode_attrs(raw: Any) -> dict:
     return attrs
 
 
-def _inspect(path: Path, *, full: bool) -> tuple[Bag | None, list[str]]:
+def _expected_patient(path: Path, patient_id: str | None) -> str | None:
+    if patient_id is not None:
+        return patient_id
+    return path.name[: -len(BAG_SUFFIX)] if path.name.endswith(BAG_SUFFIX) else None
+
+
+def _inspect(path: Path, *, full: bool, patient_id: str | None = None) -> tuple[Bag | None, list[BagProblem]]:
     """Open a bag once: (the bag, its problems). Without `full` the big arrays are not read: `features`,
-    `boxes`, `cell_probs` and the strings are zero-cost stand-ins of the stored shapes (quick checks)."""
+    `boxes`, `cell_probs` and the strings are zero-cost stand-ins of the stored shapes (quick checks), and the
+    digests are not checked. `patient_id`: the id the bag must record (default: its file name, `P01.h5` -> P01)."""
     import h5py
 
     if not path.exists():
-        return None, [f"{path} does not exist"]
+        return None, [BagProblem(f"{path} does not exist")]
     if path.stat().st_size == 0:
-        return None, [f"{path} is empty (0 bytes): a killed writer or a failed copy"]
+        return None, [BagProblem(f"{path} is empty (0 bytes): a killed writer or a failed copy")]
     try:
         with h5py.File(path, "r") as f:
+            header = header_problems(f, path, _expected_patient(path, patient_id), SCHEMA_VERSION)  # attributes only
+            if header:
+                return None, header
+            outside = storage_problem(f, path, ARRAY_NAMES)
+            if outside is not None:
+                return None, [outside]
             missing = [d for d in REQUIRED_DATASETS if d not in f]
             missing_attrs = [a for a in REQUIRED_ATTRS if a not in f.attrs]
             if missing or missing_attrs:
-                return None, [f"{path} lacks dataset(s) {missing} and attribute(s) {missing_attrs}"]
+                return None, [BagProblem(f"{path} lacks dataset(s) {missing} and attribute(s) {missing_attrs}")]
             attrs = _decode_attrs(f.attrs)
             problems = []
-            if attrs["schema_version"] != SCHEMA_VERSION:
-                problems.append(f"{path} has schema_version {attrs['schema_version']}, expected {SCHEMA_VERSION}")
             if str(f["features"].dtype) not in FEATURE_DTYPES:
-                problems.append(f"{path} features dtype {f['features'].dtype} is not one of {list(FEATURE_DTYPES)}")
+                problems.append(
+                    BagProblem(f"{path} features dtype {f['features'].dtype} is not one of {list(FEATURE_DTYPES)}")
+                )
 
             def array(name: str) -> np.ndarray:
                 data = f[name]
@@ -255,23 +293,32 @@ def _inspect(path: Path, *, full: bool) -> tuple[Bag | None, list[str]]:
                 attrs=attrs,
             )
     except Exception as e:  # h5py raises OSError, KeyError, ValueError... for damaged files
-        return None, [f"{path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupt"]
-    problems += [f"{path}: {p}" for p in _array_problems(bag)]
+        return None, [BagProblem(f"{path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupt")]
+    problems += [BagProblem(f"{path}: {p}") for p in _array_problems(bag)]
     if full and bag.features.ndim == 2:
         for name, values in (("features", bag.features), ("cell_probs", bag.cell_probs)):
             problem = values is not None and _nonfinite_problem(
                 name, values.astype(np.float32, copy=False), bag.cell_id
             )
             if problem:
-                problems.append(f"{path}: {problem}")
+                problems.append(BagProblem(f"{path}: {problem}"))
+        problem = magnitude_problem(bag.features.astype(np.float32, copy=False), bag.cell_id)
+        if problem:
+            problems.append(BagProblem(f"{path}: {problem}"))
+        arrays = {name: getattr(bag, name) for name in ARRAY_NAMES if getattr(bag, name) is not None}
+        problems += digest_problems(path, arrays, bag.attrs.get("digests"))
     return bag, problems
 
 
-def validate_bag(path: str | Path, *, full: bool = True) -> list[str]:
-    """Every problem of a bag file (empty list = valid). `full` also reads the arrays to check NaN/inf.
+def inspect_bag(path: str | Path, *, full: bool = True) -> tuple[Bag | None, list[BagProblem]]:
+    """(the bag or None, its problems) from one read; what `mil verify` reports per file."""
+    return _inspect(Path(path), full=full)
 
-    Truncated or corrupt files (0 B, a header only, half a file, one byte short) fail to open or to read.
-    """
+
+def validate_bag(path: str | Path, *, full: bool = True) -> list[BagProblem]:
+    """Every problem of a bag file (empty list = valid). `full` also reads the arrays to check NaN/inf, magnitude
+    and digests. Truncated or corrupt files (0 B, a header only, half a file, one byte short) fail to open or read;
+    a file named for another patient, stored outside itself, or of an older schema is refused by its header."""
     return _inspect(Path(path), full=full)[1]
 
 
@@ -286,11 +333,13 @@ def read_bag(path: str | Path) -> Bag:
     return bag
 
 
-def read_bag_features(path: str | Path) -> np.ndarray:
+def read_bag_features(path: str | Path, *, verify_digest: bool = True) -> np.ndarray:
     """Only the features (N, D) of a bag, what head training reads: checked for what training needs (the file
-    opens, schema version, a non-empty 2-D float16/float32 array without NaN/inf); boxes, cell ids, labels and
+    opens, holds its own data, is the patient its name says, schema version, a non-empty 2-D float16/float32 array
+    without NaN/inf or values beyond FEATURE_LIMIT, the recorded digest of `features`); boxes, cell ids, labels and
     their shapes are not read (``read_bag`` and ``mil verify`` check those), which makes it ~4x faster on bags of a
-    few hundred cells. An invalid file raises InputError naming it and the fix."""
+    few hundred cells. An invalid file raises InputError naming it and the fix. `verify_digest=False` skips the
+    digest (only to measure what it costs: `experiments/bench_extract.py`)."""
     import h5py
 
     path = Path(path)
@@ -299,19 +348,27 @@ def read_bag_features(path: str | Path) -> np.ndarray:
     problem = None
     try:
         with h5py.File(path, "r") as f:
-            version = f.attrs.get("schema_version")
-            features = f["features"][()] if "features" in f else None
+            header = header_problems(f, path, _expected_patient(path, None), SCHEMA_VERSION)
+            refused = header[0] if header else storage_problem(f, path, ARRAY_NAMES)
+            if refused is None:
+                version = f.attrs.get("schema_version")
+                digests = f.attrs.get("digests")
+                features = f["features"][()] if "features" in f else None
     except Exception as e:  # h5py raises OSError, KeyError, ValueError... for damaged files
         problem = f"it cannot be read ({type(e).__name__}: {e}); it is truncated or corrupt"
     else:
-        if features is None or version is None:
-            problem = "it lacks the features dataset or the schema_version attribute"
-        elif int(version) != SCHEMA_VERSION:
-            problem = f"it has schema_version {version}, expected {SCHEMA_VERSION}"
+        if refused is not None:
+            raise InputError(str(refused))
+        if features is None or version is None or digests is None:
+            problem = "it lacks the features dataset or the schema_version or digests attribute"
         elif str(features.dtype) not in FEATURE_DTYPES or features.ndim != 2 or len(features) == 0:
             problem = f"its features are {features.dtype} of shape {features.shape}, not (cells >= 1, dim) float16/32"
         else:
-            problem = _nonfinite_problem("features", features.astype(np.float32, copy=False))
+            as32 = features.astype(np.float32, copy=False)
+            problem = _nonfinite_problem("features", as32) or magnitude_problem(as32)
+            recorded = json.loads(digests).get("features") if problem is None and verify_digest else None
+            if problem is None and verify_digest and recorded != array_digest(features):
+                problem = "its features do not match their recorded digest (edited after writing, or damaged on disk)"
     if problem:
         raise InputError(f"bag {path} is invalid: {problem}\nDelete it and run `mil extract` again to recompute it.")
     return features
@@ -321,7 +378,11 @@ def read_bag_header(path: str | Path) -> dict:
     """A bag's attributes plus num_cells, feature_dim and features_dtype, without reading the arrays."""
     import h5py
 
+    path = Path(path)
     with h5py.File(path, "r") as f:
+        outside = storage_problem(f, path, ARRAY_NAMES)
+        if outside is not None:
+            raise InputError(str(outside))
         attrs = _decode_attrs(f.attrs)
         attrs["num_cells"], attrs["feature_dim"] = (int(s) for s in f["features"].shape)
         attrs["features_dtype"] = str(f["features"].dtype)
@@ -406,8 +467,48 @@ class BagDirectory:
             return int(manifest["feature_dim"])
         return int(self._first_header()["feature_dim"])
 
-    def check_consistent(self) -> None:
-        """Raise ConfigError naming both configs when bags of different encoders or preprocessing are mixed."""
+    def integrity(self) -> tuple[list[BagProblem], list[Path]]:
+        """(faults that make the directory unusable for training, files that are not bags), from headers only: a
+        bag named for another patient, a dataset stored outside its file, a bag of an older schema (no digests),
+        two bags with the same features (a copy under a new name). Each bag's digests are checked when it is
+        loaded (read_bag), and by `mil verify`."""
+        faults: list[BagProblem] = []
+        strangers: list[Path] = []
+        by_digest: dict[str, list[str]] = {}
+        for p in self.files():
+            bag, problems = _inspect(p, full=False)
+            if any(q.kind == "stranger" for q in problems):
+                strangers.append(p)
+                continue
+            faults += [q for q in problems if q.kind in ("outside", "renamed", "old")]
+            digest = (bag.attrs.get("digests") or {}).get("features") if bag is not None and not problems else None
+            if digest:
+                by_digest.setdefault(digest, []).append(p.name)
+        for names in by_digest.values():
+            if len(names) > 1:
+                faults.append(
+                    BagProblem(
+                        f"{', '.join(names)} in {self.path} hold identical features: a bag copied under another "
+                        "patient's name puts one patient's cells in training and test. Delete the copies and run "
+                        "`mil extract` again.",
+                        "duplicate",
+                        tuple(names),
+                    )
+                )
+        return faults, strangers
+
+    def check_consistent(self, *, log: Callable[[str], None] | None = None) -> None:
+        """Refuse a directory that training cannot trust: bags that are not what they say (InputError naming the
+        files, see `integrity`), or bags of different encoders or preprocessing (ConfigError naming both configs).
+        Files that are not bags at all are ignored, with a note to `log` (default: stderr)."""
+        faults, strangers = self.integrity()
+        for p in strangers:
+            (log or (lambda m: print(m, file=sys.stderr, flush=True)))(f"note: ignored {p}: {NOT_A_BAG}")
+        if faults:
+            raise InputError(
+                f"bag directory {self.path} holds bags that are not what they say; fix them before training:\n"
+                f"{listing(faults)}"
+            )
         reference: tuple[str, str] | None = None
         manifest = self.manifest
         if manifest is not None:

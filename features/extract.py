@@ -5,6 +5,11 @@ cell-table fingerprint, encoder config, preprocessing, label classes and dtype a
 else (missing, truncated, stale) is recomputed. Batches never span patients, so a patient's bag does
 not depend on which other patients were done in this run (resume and shards give identical arrays).
 
+One run per folder (RELIABILITY.md promise 8, mil.locks): a second `mil extract` into a folder that a live
+run fills is refused naming it (pid, host, start). Shards hold the folder together, each its own share; a
+shard with other settings (encoder config, preprocessing, dtype, labels, shard count) is refused while
+others run. Temporary files are removed only when their writer is gone.
+
 Scale out: `--shard I/N` takes every N-th patient of the sorted list, so N processes fill one folder
 together, each writing only its own patients' bags (and its own run report):
 
@@ -18,6 +23,7 @@ together, each writing only its own patients' bags (and its own run report):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -30,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from features.bags import (
-    MANIFEST_NAME,
+    NOT_A_BAG,
     Bag,
     bag_path,
     canonical_json,
@@ -42,10 +48,11 @@ from features.bags import (
     write_manifest,
 )
 from features.cropping import FieldCrops, ImageJob, keep_item, worker_init
-from mil.atomic import atomic_write_text, leftover_temp_files
+from mil.atomic import atomic_write_text
 from mil.cell_table import CellTable, read_cell_table, unsafe_patient_id_reason
 from mil.errors import ConfigError, InputError, listing
 from mil.labels import DEFAULT_LABEL_MAP, DROP, identity_label_map, load_label_map
+from mil.locks import OutputLock, output_lock
 
 
 @dataclass
@@ -156,10 +163,15 @@ def choose_workers(device: str) -> int:
 
 
 def bag_status(path: Path, *, expect: dict) -> str | None:
-    """None when the bag at `path` is valid and matches `expect`; otherwise why it must be computed."""
+    """None when the bag at `path` is valid (digests included: an edited bag is recomputed) and matches `expect`;
+    otherwise why it must be computed. A file there that is not a bag at all gives NOT_A_BAG first."""
     if not path.exists():
         return "missing"
     problems = validate_bag(path)
+    if problems and problems[0].kind == "stranger":
+        return f"{NOT_A_BAG}: {problems[0]}"
+    if problems and problems[0].kind == "old":
+        return "stale (written by an older version of cytomil, without content digests)"
     if problems:
         return f"invalid ({problems[0]})"
     header = read_bag_header(path)
@@ -175,21 +187,18 @@ def _report_name(shard: tuple[int, int]) -> str:
     return "extract_report.json" if count == 1 else f"extract_report.shard-{index}-of-{count}.json"
 
 
-def _remove_temp_files(
-    out: Path, patients: list[str], shard: tuple[int, int], *, now: float | None = None
-) -> list[Path]:
-    """Temp files of a killed run. One process removes them all; a shard removes its own patients' and
-    report's, and shared ones (the manifest's) only when older than a minute: others may be writing theirs."""
-    removed = []
+def _remove_temp_files(lock: OutputLock, patients: list[str], shard: tuple[int, int]) -> list[Path]:
+    """Temp files whose writer is gone (mil.locks): any whose recorded writer no longer runs on this host; without
+    a live writer's record, all when no other shard runs, else this shard's own patients' and report's."""
     own = (*(f".{p}.h5." for p in patients), f".{_report_name(shard)}.")
-    now = time.time() if now is None else now
-    for tmp in leftover_temp_files(out):
-        with contextlib.suppress(FileNotFoundError):
-            stale_shared = tmp.name.startswith(f".{MANIFEST_NAME}.") and now - tmp.stat().st_mtime > 60
-            if shard[1] == 1 or tmp.name.startswith(own) or stale_shared:
-                tmp.unlink()
-                removed.append(tmp)
-    return removed
+    return lock.remove_orphaned_temp_files(own=lambda tmp: tmp.name.startswith(own))
+
+
+def _settings_fingerprint(enc_config: dict, preprocess: dict, classes: list[str], config: ExtractConfig) -> str:
+    """What decides the bags of a folder: shards running together must agree on it."""
+    settings = {"encoder_config": enc_config, "preprocess": preprocess, "label_classes": classes}
+    settings.update(dtype=config.dtype, shards=config.shard[1])
+    return hashlib.sha256(canonical_json(settings).encode()).hexdigest()[:16]
 
 
 def _image_jobs(patient_index: int, rows: list[dict]) -> tuple[list[str], list[ImageJob]]:
@@ -259,6 +268,11 @@ class _PatientWork:
 
 def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = None, encoder=None) -> ExtractReport:
     """Extract the bags of this shard's patients into config.out; returns what was done, kept and failed."""
+    with contextlib.ExitStack() as held:  # the folder's lock, taken once the encoder config is known
+        return _run_extract(config, log=log, encoder=encoder, held=held)
+
+
+def _run_extract(config: ExtractConfig, *, log, encoder, held: contextlib.ExitStack) -> ExtractReport:
     import torch
     from torch.utils.data import DataLoader
 
@@ -293,13 +307,15 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
         encoder = create_encoder(config.encoder, weights=config.weights, input_size=config.input_size)
     enc_config = config_dict(encoder.config)
     check_encoder_width(out, enc_config)
-    out.mkdir(parents=True, exist_ok=True)
-    removed = _remove_temp_files(out, patients, config.shard)
-    if removed:
-        log(f"removed {len(removed)} temporary file(s) left by an interrupted run")
     preprocess: dict = {"context": config.context}
     if stain_norm is not None:  # absent when off: bags made before the option existed stay up to date
         preprocess["stain_norm"] = stain_norm.record()
+    part = f"shard {config.shard[0]}/{config.shard[1]}" if config.shard[1] > 1 else None
+    settings = _settings_fingerprint(enc_config, preprocess, classes, config)
+    lock = held.enter_context(output_lock(out, command="mil extract", part=part, settings=settings, log=log))
+    removed = _remove_temp_files(lock, patients, config.shard)
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) left by an interrupted run")
     write_manifest(out, encoder_config=enc_config, preprocess=preprocess)
 
     work: list[_PatientWork] = []
@@ -316,6 +332,10 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] | None = No
         reason = bag_status(bag_path(out, pid), expect=expect)
         if reason is None:
             report.up_to_date.append(pid)
+            continue
+        if reason.startswith(NOT_A_BAG):  # someone else's file under this patient's name: never overwrite it
+            report.failed[pid] = f"{bag_path(out, pid)} is {NOT_A_BAG}; move it out of {out} and run again"
+            log(f"FAILED {report.failed[pid]}")
             continue
         report.reasons[pid] = reason
         paths, patient_jobs = _image_jobs(len(work), rows)

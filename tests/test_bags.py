@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -21,8 +23,11 @@ from mil.atomic import leftover_temp_files
 from mil.errors import ConfigError, InputError
 
 
-def make_bag(pid: str = "P1", n: int = 6, dim: int = 8, encoder: str = "enc.a", seed: int = 0, **attrs) -> Bag:
-    rng = np.random.default_rng(seed)
+def make_bag(
+    pid: str = "P1", n: int = 6, dim: int = 8, encoder: str = "enc.a", seed: int | None = None, **attrs
+) -> Bag:
+    """A small valid bag; its cells differ per patient id unless `seed` is given."""
+    rng = np.random.default_rng(zlib.crc32(pid.encode()) if seed is None else seed)
     return Bag(
         patient_id=pid,
         features=rng.normal(size=(n, dim)).astype(np.float32),
@@ -50,7 +55,16 @@ def test_round_trip_keeps_arrays_and_attributes(tmp_path):
         np.testing.assert_array_equal(getattr(back, key), getattr(bag, key), err_msg=key)
     assert back.cell_id == bag.cell_id and back.image_paths == bag.image_paths
     assert back.boxes.dtype == np.int32 and back.label.dtype == np.int64
-    assert back.attrs["schema_version"] == 1 and back.attrs["patient_id"] == "P1" and back.attrs["created"]
+    assert back.attrs["schema_version"] == 2 and back.attrs["patient_id"] == "P1" and back.attrs["created"]
+    assert set(back.attrs["digests"]) == {
+        "features",
+        "boxes",
+        "image_index",
+        "image_paths",
+        "cell_id",
+        "label",
+        "cell_probs",
+    }
     assert back.encoder_config["name"] == "enc.a" and back.attrs["encoder"] == "enc.a"
     assert back.label_classes == ["blast", "lymphocyte"] and back.skipped[0]["reason"] == "cannot be read"
     assert not leftover_temp_files(tmp_path)
@@ -73,12 +87,17 @@ def test_writer_refuses_non_finite_features_naming_patient_and_row(tmp_path, bad
     assert not list(tmp_path.iterdir())
 
 
-def test_writer_refuses_float16_overflow_naming_patient_and_row(tmp_path):
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("value", [7e4, -1e30])
+def test_writer_refuses_values_no_encoder_produces_naming_patient_and_row(tmp_path, dtype, value):
+    """Promise 10 (case 4 of issue 14): beyond +-65504 (float16's largest value) is refused whatever the dtype."""
     bag = make_bag(pid="P3")
-    bag.features[2, 0] = 1e5
-    with pytest.raises(InputError, match=r"patient 'P3'.*overflow float16.*row 2.*--dtype float32"):
-        write_bag(tmp_path / "P3.h5", bag, dtype="float16")
-    write_bag(tmp_path / "P3.h5", bag, dtype="float32")  # the same values fit float32
+    bag.features[2, 0] = value
+    with pytest.raises(InputError, match=r"patient 'P3'.*exceed \+-65504 in 1 row\(s\), first row 2 \(cell 'P3-c2'\)"):
+        write_bag(tmp_path / "P3.h5", bag, dtype=dtype)
+    assert not list(tmp_path.iterdir())
+    bag.features[2, 0] = 65504.0  # the bound itself fits both dtypes
+    assert read_bag(write_bag(tmp_path / "P3.h5", bag, dtype=dtype)).features[2, 0] == 65504.0
 
 
 def test_writer_refuses_mismatched_rows_wrong_width_and_empty_bags(tmp_path):
@@ -122,14 +141,14 @@ def test_read_bag_features_returns_the_features_and_refuses_what_training_cannot
     bag = make_bag(n=7)
     path = write_bag(tmp_path / "P1.h5", bag)
     np.testing.assert_array_equal(read_bag_features(path), read_bag(path).features)
-    assert read_bag_features(write_bag(tmp_path / "P2.h5", bag, dtype="float16")).dtype == np.float16
+    assert read_bag_features(write_bag(tmp_path / "P2.h5", make_bag("P2"), dtype="float16")).dtype == np.float16
     with h5py.File(path, "r+") as f:  # damage written after validation: NaN in row 3, then an unknown schema
         f["features"][3, 1] = np.nan
     with pytest.raises(InputError, match=r"NaN/inf in 1 row\(s\), first row 3\n.*run `mil extract` again"):
         read_bag_features(path)
     with h5py.File(path, "r+") as f:
         f.attrs["schema_version"] = 99
-    with pytest.raises(InputError, match="schema_version 99, expected 1"):
+    with pytest.raises(InputError, match="schema_version 99, expected 2: upgrade cytomil"):
         read_bag_features(path)
     with pytest.raises(InputError, match="does not exist"):
         read_bag_features(tmp_path / "P9.h5")

@@ -298,18 +298,33 @@ def test_unsafe_patient_id_and_unknown_labels_are_refused_with_names(tmp_path):
         extract(cells, tmp_path / "bags2", encoder="morphology.handcrafted", label_map=DEFAULT_LABEL_MAP)
 
 
-def test_a_shard_removes_only_its_own_and_orphaned_temp_files(tmp_path):
+def test_a_shard_removes_only_temp_files_whose_writer_is_gone(tmp_path):
+    """Promise 8 (case 6 of issue 14): a shard never deletes a live writer's temporary file."""
     import os
-    import time
+    import subprocess
+    import sys
 
     from features.extract import _remove_temp_files
+    from mil.atomic import this_host
+    from mil.locks import output_lock
 
-    names = [".P00.h5.a1.tmp", ".P01.h5.b2.tmp", ".manifest.json.c3.tmp", ".extract_report.shard-0-of-2.json.d4.tmp"]
-    for name in names:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = this_host()
+    names = {
+        "no_owner_mine": ".P00.h5.a1.tmp",
+        "no_owner_other_shard": ".P01.h5.b2.tmp",
+        "dead_owner": f".P01.h5.c3xxxxxx.pid{int(dead.stdout)}@{host}.tmp",
+        "live_owner": f".manifest.json.d4xxxxxx.pid{os.getppid()}@{host}.tmp",
+        "my_report": ".extract_report.shard-0-of-2.json.e5.tmp",
+    }
+    for name in names.values():
         (tmp_path / name).write_text("partial")
-    removed = {p.name for p in _remove_temp_files(tmp_path, ["P00"], (0, 2))}
-    assert removed == {".P00.h5.a1.tmp", ".extract_report.shard-0-of-2.json.d4.tmp"}  # P01 may be another shard's
-    old = time.time() - 3600
-    os.utime(tmp_path / ".manifest.json.c3.tmp", (old, old))
-    assert {p.name for p in _remove_temp_files(tmp_path, ["P00"], (0, 2))} == {".manifest.json.c3.tmp"}
-    assert {p.name for p in _remove_temp_files(tmp_path, [], (0, 1))} == {".P01.h5.b2.tmp"}  # one process: all
+    with (
+        output_lock(tmp_path, command="mil extract", part="shard 1/2", settings="s"),  # another live shard
+        output_lock(tmp_path, command="mil extract", part="shard 0/2", settings="s") as lock,
+    ):
+        removed = {p.name for p in _remove_temp_files(lock, ["P00"], (0, 2))}
+    assert removed == {names["no_owner_mine"], names["dead_owner"], names["my_report"]}
+    with output_lock(tmp_path, command="mil extract") as lock:  # alone in the folder: a writer without a record
+        assert {p.name for p in _remove_temp_files(lock, [], (0, 1))} == {names["no_owner_other_shard"]}
+    assert (tmp_path / names["live_owner"]).exists()  # its writer still runs

@@ -130,3 +130,102 @@ def test_nan_embedding_fails_that_patient_only_naming_the_row(tmp_path):
     assert "patient 'P01'" in report.failed["P01"]
     assert not bag_path(out, "P01").exists() and leftover_temp_files(out) == []
     assert sorted(report.done) == ["P00", "P02"]
+
+
+def _small_then_big_cohort(root: Path) -> Path:
+    """P00 with 3 cells (a ~10 KB bag), P01 with 120 (~44 KB): a limit between the two fails P01 only."""
+    from mil.cell_table import CellTable, read_cell_table
+
+    cells = make_cohort(root, patients=2, cells=120, cells_per_image=30, side=96)
+    rows = [r for r in read_cell_table(cells).rows if r["patient_id"] == "P01" or int(r["cell_id"].split("-")[1]) < 3]
+    return CellTable(rows=rows).write(cells)
+
+
+def _assert_disk_full_handled(code: int, err: str, out: Path) -> None:
+    assert code == 2, err
+    assert f"error: no space left on device writing {out / 'P01.h5'}" in err and "nothing was half-written" in err
+    assert "Traceback" not in err and "Segmentation" not in err and "HDF5-DIAG" not in err
+    assert validate_bag(out / "P00.h5") == [] and not (out / "P01.h5").exists()
+    assert leftover_temp_files(out) == []
+
+
+def test_promise9_a_file_size_limit_is_a_plain_disk_full_error_and_a_rerun_finishes(tmp_path):
+    """Case 7 of issue 14, with RLIMIT_FSIZE (`ulimit -f`): EFBIG is treated like ENOSPC. SIGXFSZ is ignored, as
+    Python does at start, so the write fails with EFBIG instead of killing the process."""
+    import resource
+
+    cells = _small_then_big_cohort(tmp_path / "cohort")
+    out = tmp_path / "bags"
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (24 * 1024, 24 * 1024))
+
+    run = subprocess.run(
+        _command(cells, out), cwd=REPO, env=_env(), capture_output=True, text=True, preexec_fn=limit_file_size
+    )
+    _assert_disk_full_handled(run.returncode, run.stderr, out)
+    assert "a file-size limit, ulimit -f, was reached" in run.stderr
+    again = subprocess.run(_command(cells, out), cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "1 up to date, 1 to compute" in again.stderr and validate_bag(out / "P01.h5") == []
+
+
+def test_promise9_a_full_tmpfs_is_a_plain_disk_full_error(tmp_path):
+    """Case 7 of issue 14 on a real full file system (ENOSPC): a 32 KB tmpfs in a private mount namespace."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("mounting a tmpfs needs root and unshare(1); the RLIMIT_FSIZE test covers the same path")
+    cells = _small_then_big_cohort(tmp_path / "cohort")
+    mnt, copy = tmp_path / "mnt", tmp_path / "copy"
+    mnt.mkdir()
+    script = (
+        'mount -t tmpfs -o size=32k tmpfs "$MNT" || exit 97\n'
+        '"$@" > "$LOG.out" 2> "$LOG.err"; echo $? > "$LOG.rc"\n'
+        'cp -a "$MNT/bags" "$COPY"\n'
+    )
+    env = {**_env(), "MNT": str(mnt), "COPY": str(copy), "LOG": str(tmp_path / "log")}
+    command = _command(cells, mnt / "bags")
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", *command], cwd=REPO, env=env)
+    if done.returncode != 0:
+        pytest.skip(f"no private tmpfs here (unshare/mount exit {done.returncode})")
+    err = (tmp_path / "log.err").read_text().replace(str(mnt / "bags"), str(copy))
+    _assert_disk_full_handled(int((tmp_path / "log.rc").read_text()), err, copy)
+
+
+def test_promise9_every_atomic_writer_turns_a_full_disk_into_one_plain_error(tmp_path):
+    """Text, torch checkpoints and bags: DiskFullError naming the path, no temporary file, the old file kept."""
+    script = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np, torch
+sys.path.insert(0, "tests")
+from test_bags import make_bag
+from features.bags import write_bag
+from mil.atomic import DiskFullError, atomic_torch_save, atomic_write_text
+out = Path(sys.argv[1])
+atomic_write_text(out / "kept.txt", "old")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+writes = {
+    "kept.txt": lambda: atomic_write_text(out / "kept.txt", "x" * 20000),
+    "w.pt": lambda: atomic_torch_save({"w": torch.zeros(5000)}, out / "w.pt"),
+    "P1.h5": lambda: write_bag(out / "P1.h5", make_bag("P1", n=200, dim=64)),
+}
+for name, write in writes.items():
+    try:
+        write()
+    except DiskFullError as e:
+        print(e)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        f"no space left on device writing {tmp_path / name}" for name in ("kept.txt", "w.pt", "P1.h5")
+    ]
+    assert (tmp_path / "kept.txt").read_text() == "old" and leftover_temp_files(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]

@@ -19,17 +19,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mil.attention.load import report_from_results
+    from mil.locks import output_lock
 
     start = time.perf_counter()
-    summary = report_from_results(
-        args.results,
-        args.out,
-        head=args.head,
-        bags=args.bags,
-        cells=args.cells,
-        top_k=args.top_k,
-        max_patients=args.max_patients,
-    )
+    with output_lock(args.out, command="mil attention") as lock:  # one run per report folder (RELIABILITY 8)
+        if removed := lock.remove_orphaned_temp_files(recursive=True):
+            print(f"removed {len(removed)} temporary file(s) left by an interrupted run")
+        summary = report_from_results(
+            args.results,
+            args.out,
+            head=args.head,
+            bags=args.bags,
+            cells=args.cells,
+            top_k=args.top_k,
+            max_patients=args.max_patients,
+        )
     for key in (
         "patients",
         "mean_entropy",
