@@ -222,3 +222,19 @@ def test_predict_needs_the_patient_table_when_models_use_covariates(tmp_path):
         csv.writer(f).writerows([["patient_id", "diagnosis", "age"]] + [[r["patient_id"], "", r["age"]] for r in rows])
     blind = run_predict(results=out, bags=bags, patients=tmp_path / "p.csv", log=lambda *_: None)
     assert blind.truth == {} and len(blind.patients) == len(rows)  # no diagnosis needed to predict
+
+
+def test_predict_refuses_an_output_folder_another_run_holds(tmp_path, capsys):
+    """RELIABILITY 8: a second run into a held folder is refused, naming the first."""
+    from mil.locks import output_lock
+
+    bags, patients, rows = write_two_cohorts(tmp_path)
+    config = load_compare_config(None, heads="count.logreg", folds=3, seeds=1, n_boot=100)
+    out = tmp_path / "cv"
+    from mil.compare.report import write_report
+
+    write_report(run_compare(config, bags=bags, patients=patients, out=out, log=lambda *_: None), config, out)
+    with output_lock(tmp_path / "pred", command="mil predict"):
+        code = main(["predict", "--results", str(out), "--bags", str(bags), "--out", str(tmp_path / "pred")])
+    assert code == 2 and "mil predict" in capsys.readouterr().err
+    assert main(["predict", "--results", str(out), "--bags", str(bags), "--out", str(tmp_path / "pred")]) == 0

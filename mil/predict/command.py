@@ -23,16 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mil.locks import output_lock
     from mil.predict.report import write_predictions
     from mil.predict.run import run_predict
 
     heads = [h.strip() for h in args.heads.split(",") if h.strip()] if args.heads else None
-    result = run_predict(results=args.results, bags=args.bags, patients=args.patients, heads=heads, model=args.model)
     out = Path(args.out)
     patients = Path(args.patients) if args.patients else None
-    per_head = write_predictions(
-        result, out, results=Path(args.results), bags=Path(args.bags), patients=patients, n_boot=args.n_boot
-    )
+    result = run_predict(results=args.results, bags=args.bags, patients=args.patients, heads=heads, model=args.model)
+    with output_lock(out, command="mil predict") as lock:  # one run per output folder (RELIABILITY promise 8)
+        if removed := lock.remove_orphaned_temp_files(recursive=True):
+            print(f"removed {len(removed)} temporary file(s) left by an interrupted run")
+        per_head = write_predictions(
+            result, out, results=Path(args.results), bags=Path(args.bags), patients=patients, n_boot=args.n_boot
+        )
     if per_head:
         print((out / "summary.md").read_text())
     print(f"predictions of {len(result.patients)} patients in {out / 'predictions.csv'}")
