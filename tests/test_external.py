@@ -82,6 +82,8 @@ def test_compare_external_writes_external_results_and_refuses_a_cv_split_file(tm
     internal = read_splits(out / "internal_cv" / "splits.json")
     assert internal.kind == "cv" and set(internal.patients) == {r["patient_id"] for r in rows if r["cohort"] == "D"}
     assert sorted(p.name for p in (out / "models" / "mean").iterdir()) == ["seed0_external.pt", "seed1_external.pt"]
+    assert main(args + ["count.logreg,mean", *ext, *FAST]) == 0  # a rerun into the same folder reuses its splits
+    assert "splits reused" in capsys.readouterr().out
     assert (out / "models" / "count.logreg" / "seed0_external.skops").exists()
 
     # the same folder asked for a k-fold is refused: a split file of another kind

@@ -60,7 +60,7 @@ class Splits:
     val_fraction: float
     splits: tuple[FoldSplit, ...]
     kind: str = "cv"
-    external: tuple[tuple[str, str], ...] = ()  # (("train_where", "cohort=A"), ("test_where", "cohort=B"))
+    external: tuple[tuple[str, str], ...] = ()  # sorted (key, value): (("test_where", "..."), ("train_where", "..."))
 
     def content(self) -> dict:
         out = {
@@ -228,7 +228,7 @@ def make_external_splits(
         val_fraction=val_fraction,
         splits=tuple(out),
         kind="external",
-        external=(("train_where", train_where), ("test_where", test_where)),
+        external=tuple(sorted({"train_where": train_where, "test_where": test_where}.items())),  # as read back
     )
     check_no_leakage(splits)
     return splits
