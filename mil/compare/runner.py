@@ -4,8 +4,9 @@ Order of work: bags (one encoder, checked) + patient table -> cohort -> splits.j
 or an external split by a patient-table column) -> for each seed and outer fold: covariates encoded with the
 fold's training patients (mil.covariates) -> every count head (fit on train + val, no early stopping needed)
 and every attention head (mil.heads.train.fit_predict, early stopping on val) -> probabilities of the fold's
-test patients -> metrics, CIs and paired tests (mil.compare.report). Every fitted model is saved under
-models/<head>/<fold> with what it needs to score new patients (`mil predict`).
+test patients, and each fold's calibration fitted on patients it does not test (mil.compare.trust) -> metrics,
+CIs, paired tests, calibration, conformal sets and abstention (mil.compare.report). Every fitted model is saved
+under models/<head>/<fold> with what it needs to score new patients (`mil predict`), its calibration included.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from mil.protocol.calibration import (
     choose_threshold,
     fit_temperature,
 )
-from mil.protocol.conformal import ConformalCalibration, majority_sets
+from mil.protocol.conformal import ConformalCalibration
+from mil.protocol.conformal import ensemble_sets as _ensemble_sets
 
 TRUST_FORMAT = "cytomil-calibration/1"
 
@@ -116,8 +117,8 @@ def member_sets(trusts: list[FoldTrust], calibrated: np.ndarray, level: float, c
 
 
 def ensemble_sets(trusts: list[FoldTrust], calibrated: np.ndarray, level: float, classwise: bool) -> np.ndarray:
-    """(P, C) majority vote of the members' sets."""
-    return majority_sets(member_sets(trusts, calibrated, level, classwise))
+    """(P, C) sets of the members' mean calibrated probability (M, P, C) at their mean threshold."""
+    return _ensemble_sets([t.conformal for t in trusts], np.asarray(calibrated).mean(axis=0), level, classwise)
 
 
 def ensemble_threshold_predictions(trusts: list[FoldTrust], calibrated: np.ndarray) -> np.ndarray | None:

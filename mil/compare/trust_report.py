@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from mil.compare.runner import CompareResult
-from mil.compare.trust import FoldTrust, ensemble_threshold_predictions
+from mil.compare.trust import FoldTrust, ensemble_sets, ensemble_threshold_predictions
 from mil.protocol.abstention import REPORTED_COVERAGES, at_coverage, risk_coverage
 from mil.protocol.calibration import balanced_accuracy, brier_score, reliability_bins
-from mil.protocol.conformal import coverage, format_set, majority_sets
+from mil.protocol.conformal import coverage, format_set
 from mil.protocol.metrics import expected_calibration_error
 
 ENSEMBLE_SUFFIX = ".ensemble"
@@ -73,16 +73,16 @@ def head_trust(result: CompareResult, head: str, level: float) -> HeadTrust:
     )
 
 
-def ensemble_trust(member: HeadTrust, trusts: list[FoldTrust]) -> HeadTrust:
-    """Mean probability of the seed models (each scored every patient); sets by majority vote of theirs."""
+def ensemble_trust(member: HeadTrust, trusts: list[FoldTrust], level: float) -> HeadTrust:
+    """Mean probability of the seed models (each scored every patient); sets at their mean threshold."""
     thresholded = ensemble_threshold_predictions(trusts, member.calibrated)
     return HeadTrust(
         name=member.head + ENSEMBLE_SUFFIX,
         head=member.head,
         probs=member.probs.mean(axis=0)[None],
         calibrated=member.calibrated.mean(axis=0)[None],
-        sets=majority_sets(member.sets)[None],
-        sets_classwise=majority_sets(member.sets_classwise)[None],
+        sets=ensemble_sets(trusts, member.calibrated, level, False)[None],
+        sets_classwise=ensemble_sets(trusts, member.calibrated, level, True)[None],
         threshold_predicted=None if thresholded is None else thresholded[None],
         methods=member.methods,
         temperatures=member.temperatures,
@@ -98,7 +98,7 @@ def trust_entries(result: CompareResult, level: float) -> dict[str, HeadTrust]:
         entries[h] = head_trust(result, h, level)
         if result.splits.is_external and len(result.splits.seeds) > 1:
             trusts = [t for _, _, t in _fold_trusts(result, h)]  # one model per seed, all scoring every patient
-            ensemble = ensemble_trust(entries[h], trusts)
+            ensemble = ensemble_trust(entries[h], trusts, level)
             entries[ensemble.name] = ensemble
     return entries
 
@@ -183,7 +183,7 @@ def markdown(entries: dict[str, HeadTrust], metrics: dict[str, dict], classes: l
         f"## Conformal prediction sets ({pct}%, split conformal on held-out patients of each fold)",
         "",
         "Marginal: one threshold for all diagnoses; class-conditional (Mondrian): one per diagnosis, so each "
-        "diagnosis is covered. Ensembles: majority vote of the members' sets. Columns `set` and `set_classwise` "
+        "diagnosis is covered. Ensembles: their mean probability at the members' mean threshold. Columns `set` and `set_classwise` "
         "of predictions.csv.",
         "",
         "| head | coverage | mean set size | empty | class-cond. coverage | "

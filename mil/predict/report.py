@@ -102,7 +102,7 @@ def summary_markdown(result: PredictResult, per_head: dict, results: Path, bags:
     pct = int(round(level * 100))
     lines += [
         "",
-        f"## Conformal prediction sets ({pct}%; ensemble: majority vote of the members' sets)",
+        f"## Conformal prediction sets ({pct}%; ensemble: its mean probability at the members' mean threshold)",
         "",
         "| head | coverage | mean set size | class-cond. coverage | "
         + " | ".join(f"{c} (class-cond.)" for c in result.classes)

@@ -54,10 +54,12 @@ class PredictResult:
         return self.trust[head][member].sets(self.calibrated[head][member], level, classwise)
 
     def ensemble_sets(self, head: str, level: float, classwise: bool) -> np.ndarray:
-        """(P, C) majority vote of the members' sets (mil.protocol.conformal.majority_sets)."""
-        from mil.protocol.conformal import majority_sets
+        """(P, C) sets of the calibrated ensemble at the members' mean threshold (mil.protocol.conformal)."""
+        from mil.protocol.conformal import ensemble_sets
 
-        return majority_sets(np.stack([self.member_sets(head, m, level, classwise) for m in self.probs[head]]))
+        members = list(self.probs[head])
+        calibrations = [self.trust[head][m].conformal for m in members]
+        return ensemble_sets(calibrations, self.calibrated_ensemble(head), level, classwise)
 
     def spread(self, head: str) -> np.ndarray:
         """(P, C) standard deviation of the members' probabilities (0 with one member)."""
