@@ -183,8 +183,8 @@ def markdown(entries: dict[str, HeadTrust], metrics: dict[str, dict], classes: l
         f"## Conformal prediction sets ({pct}%, split conformal on held-out patients of each fold)",
         "",
         "Marginal: one threshold for all diagnoses; class-conditional (Mondrian): one per diagnosis, so each "
-        "diagnosis is covered. Ensembles: their mean probability at the members' mean threshold. Columns `set` and `set_classwise` "
-        "of predictions.csv.",
+        "diagnosis is covered. Ensembles: their mean probability at the members' mean threshold. "
+        "Columns `set` and `set_classwise` of predictions.csv.",
         "",
         "| head | coverage | mean set size | empty | class-cond. coverage | "
         + " | ".join(f"{c} (class-cond.)" for c in classes)
