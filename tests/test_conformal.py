@@ -171,5 +171,35 @@ def test_ensemble_rows_and_sets_are_recomputed_from_predictions_csv(tmp_path):
             probs = np.array([[float(ours[p][f"prob_{c}"]) for c in classes] for p in kept])
             assert float(second["accuracy"]) == pytest.approx(float((probs.argmax(1) == y).mean()), abs=1.5e-3)
     assert "(referred left out)" in (pred / "summary.md").read_text()
+
+    # the attention report's records carry the probability, the interval over members and the set
+    from mil.attention.load import load_patients
+
+    records, _ = load_patients(pred, head="mean", with_models=False)
+    ours = {r["patient_id"]: r for r in predicted if r["head"] == "mean" and r["model"] == "ensemble"}
+    for record in records:
+        row = ours[record.patient_id]
+        column = f"cal_{row['predicted']}"
+        values = [float(r[column]) for r in predicted if r["head"] == "mean" and r["model"] != "ensemble"
+                  and r["patient_id"] == record.patient_id]  # fmt: skip
+        assert record.probability == pytest.approx(float(row[column]))
+        assert record.interval == pytest.approx((min(values), max(values)))
+        assert record.prediction_set.startswith(row["set"].replace("|", ", ") or "(empty)")
     assert main(["predict", "--results", str(out), "--bags", str(held_back), "--out", str(tmp_path / "x"),
                  "--refer-below", "1.5"]) == 2  # fmt: skip
+
+
+def test_attention_report_shows_probability_interval_and_set(tmp_path):
+    from test_attention_report import _patient
+
+    from mil.attention.report import build_report
+
+    shown = _patient(tmp_path, "p1", "AML", seed=1)
+    shown.probability, shown.interval, shown.prediction_set = 0.8123, (0.7, 0.9), "AML, CML"
+    bare = _patient(tmp_path, "p2", "ALL", seed=2)
+    build_report([shown, bare], tmp_path / "report", head="abmil", top_k=4)
+    index = (tmp_path / "report" / "index.html").read_text()
+    assert "probability [members]" in index and "0.81 [0.70, 0.90]" in index and "AML, CML" in index
+    page = next(p for p in (tmp_path / "report" / "patients").glob("p1-*.html")).read_text()
+    assert "probability 0.81 [0.70, 0.90]" in page and "conformal prediction set <b>{AML, CML}</b>" in page
+    assert "conformal" not in next((tmp_path / "report" / "patients").glob("p2-*.html")).read_text()
