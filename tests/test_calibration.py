@@ -92,6 +92,7 @@ def test_count_heads_calibrate_within_training_patients_and_binary_thresholds(tm
         rows.append({"patient_id": pid, "diagnosis": ["ALL", "AML"][dx]})
     PatientTable(rows=rows).write(tmp_path / "patients.csv")
     config = load_compare_config(None, heads="count.logreg,count.rf", folds=3, seeds=1, n_boot=100)
+    config.count_heads = {"count.rf": {"n_estimators": 30}}  # a small forest keeps the test fast
     out = tmp_path / "out"
     result = run_compare(config, bags=tmp_path / "bags", patients=tmp_path / "patients.csv", out=out,
                          log=lambda *_: None)  # fmt: skip
@@ -111,3 +112,16 @@ def test_count_heads_calibrate_within_training_patients_and_binary_thresholds(tm
     predictions = read_csv(out / "predictions.csv")
     assert {r["predicted_threshold"] for r in predictions} <= {"ALL", "AML"}
     assert "## Binary threshold" in (out / "summary.md").read_text()
+
+    # mil predict applies each fold's stored calibration: its model reproduces the comparison on its test patients
+    from mil.cli import main
+
+    assert main(["predict", "--results", str(out), "--bags", str(tmp_path / "bags"), "--out", str(tmp_path / "pred"),
+                 "--n-boot", "100"]) == 0  # fmt: skip
+    applied = {(r["head"], r["model"], r["patient_id"]): r for r in read_csv(tmp_path / "pred" / "predictions.csv")}
+    for r in predictions:
+        mine = applied[(r["head"], f"seed{r['seed']}_fold{r['fold']}", r["patient_id"])]
+        for c in ("ALL", "AML"):
+            assert float(mine[f"cal_{c}"]) == pytest.approx(float(r[f"cal_{c}"]), abs=1e-6)
+        assert (mine["set"], mine["set_classwise"]) == (r["set"], r["set_classwise"])
+        assert mine["predicted_threshold"] == r["predicted_threshold"]

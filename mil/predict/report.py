@@ -38,11 +38,12 @@ def prediction_rows(
     c = result.classes
     header = ["patient_id", "head", "model", "members", "true", "predicted"]
     header += [f"prob_{x}" for x in c] + [f"sd_{x}" for x in c] + [f"cal_{x}" for x in c]
-    header += ["set", "set_classwise", "referred"]
+    header += ["set", "set_classwise", "referred"] + (["predicted_threshold"] if len(c) == 2 else [])
     rows = []
     for h in result.probs:
         for name, probs, spread, n, calibrated, sets, classwise in _entries(result, h, level):
             referred = refer_below(calibrated, refer_threshold) if refer_threshold is not None else None
+            called = _threshold_calls(result, h, name, calibrated) if len(c) == 2 else None
             for i, p in enumerate(result.patients):
                 rows.append(
                     [p, h, name, n, result.truth.get(p, ""), c[int(probs[i].argmax())]]
@@ -51,8 +52,17 @@ def prediction_rows(
                     + [f"{v:.8f}" for v in calibrated[i]]
                     + [format_set(sets[i], c), format_set(classwise[i], c)]
                     + ["" if referred is None else int(referred[i])]
+                    + ([] if len(c) != 2 else ["" if called is None else c[int(called[i])]])
                 )
     return header, rows
+
+
+def _threshold_calls(result: PredictResult, head: str, model: str, calibrated: np.ndarray) -> np.ndarray | None:
+    """Two diagnoses: the call at the stored binary threshold (the ensemble: at its members' mean threshold)."""
+    trusts = list(result.trust[head].values()) if model == ENSEMBLE else [result.trust[head][model]]
+    if any(t.threshold is None for t in trusts):
+        return None
+    return (calibrated[:, 1] >= float(np.mean([t.threshold for t in trusts]))).astype(np.int64)
 
 
 def _metrics(result: PredictResult, n_boot: int, seed: int, level: float, refer_threshold: float | None) -> dict:
