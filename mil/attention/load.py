@@ -32,6 +32,33 @@ def _predictions(results: Path, head: str, seed: int | None) -> dict[str, dict]:
     return {r["patient_id"]: r for r in rows}
 
 
+def _member_rows(results: Path, head: str) -> dict[str, list[dict]]:
+    """patient -> every member model's row of `head` (each seed of a comparison; each model of `mil predict`)."""
+    with (results / "predictions.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["head"] == head and r.get("model", "") != "ensemble"]
+    members: dict[str, list[dict]] = {}
+    for r in rows:
+        members.setdefault(r["patient_id"], []).append(r)
+    return members
+
+
+def _confidence(row: dict, members: list[dict]) -> dict:
+    """The predicted diagnosis' (calibrated, where calibrated) probability, its [min, max] over the member
+    models (more than one member) and the conformal set, for the attention report; empty keys where absent."""
+    column = next((f"{k}_{row['predicted']}" for k in ("cal", "prob") if f"{k}_{row['predicted']}" in row), None)
+    if column is None:
+        return {}
+    values = [float(m[column]) for m in members if m.get(column)]
+    out = {"probability": float(row[column])}
+    if len(values) > 1:
+        out["interval"] = (min(values), max(values))
+    if "set" in row:
+        out["prediction_set"] = row["set"].replace("|", ", ") or "(empty)"
+        if row.get("set_classwise", row["set"]) != row["set"]:
+            out["prediction_set"] += f" (class-conditional: {row['set_classwise'].replace('|', ', ') or 'empty'})"
+    return out
+
+
 def _cell_extras(cells: Path | None) -> dict[str, dict]:
     if cells is None:
         return {}
@@ -70,12 +97,13 @@ def load_patients(
     extras = _cell_extras(Path(cells) if cells else None)
     classes = list(config.get("classes") or [])
     fold_of = {p: fs for fs in splits.splits if fs.seed == seed for p in fs.test}
+    members = _member_rows(results, head)
     bundles: dict = {}
     records = []
     for pid in sorted(predictions)[: max_patients or None]:
         bag = directory.load(pid)
         attention = np.load(att_dir / f"{pid}.npy")[0]  # first seed: (N,) or (C,N)
-        records.append(_record(pid, bag, attention, predictions[pid], extras, classes))
+        records.append(_record(pid, bag, attention, predictions[pid], extras, classes, members.get(pid, [])))
         bundle_path = results / "models" / head / f"{fold_of[pid].name}.pt"
         if with_models and bundle_path.exists():
             if bundle_path not in bundles:
@@ -117,15 +145,20 @@ def _load_predicted(results: Path, config: dict, head: str, bags, cells, max_pat
     if with_models and first.exists():
         bundle = _runnable_bundle(first)
     records, bundles = [], {}
+    member_rows = _member_rows(results, head)
     for pid in sorted(predictions)[: max_patients or None]:
         attention = np.load(att_dir / f"{pid}.npy").mean(axis=0)  # members averaged: (N,) or (C,N)
-        records.append(_record(pid, directory.load(pid), attention, predictions[pid], extras, classes))
+        records.append(
+            _record(pid, directory.load(pid), attention, predictions[pid], extras, classes, member_rows.get(pid, []))
+        )
         if bundle is not None:
             bundles[pid] = bundle
     return records, bundles
 
 
-def _record(pid: str, bag, attention: np.ndarray, row: dict, extras: dict, classes: list[str]) -> PatientAttention:
+def _record(
+    pid: str, bag, attention: np.ndarray, row: dict, extras: dict, classes: list[str], members: list[dict] = ()
+) -> PatientAttention:
     """One patient's attention record, with the bag's cells and the prediction row."""
     if attention.shape[-1] != len(bag.features):
         raise InputError(
@@ -155,6 +188,7 @@ def _record(pid: str, bag, attention: np.ndarray, row: dict, extras: dict, class
         features=np.asarray(bag.features, np.float32),
         cue=cue,
         branch_names=classes if attention.ndim == 2 else [],
+        **_confidence(row, list(members)),
     )
 
 

@@ -37,6 +37,16 @@ class PatientAttention:
     features: np.ndarray | None = None  # (N,D), needed for deletion curves
     cue: np.ndarray | None = None  # (N,) bool ground-truth morphology-only cue (synthetic cohorts)
     branch_names: list[str] = field(default_factory=list)
+    probability: float | None = None  # of the predicted diagnosis (calibrated where the results have it)
+    interval: tuple[float, float] | None = None  # [min, max] of that probability over the ensemble's members
+    prediction_set: str | None = None  # the conformal prediction set, e.g. "AML, CML"
+
+    def confidence_text(self) -> str:
+        """'0.82 [0.75, 0.90]' (probability and the interval over members), '-' without either."""
+        if self.probability is None:
+            return "-"
+        text = f"{self.probability:.2f}"
+        return text + (f" [{self.interval[0]:.2f}, {self.interval[1]:.2f}]" if self.interval else "")
 
     @property
     def score(self) -> np.ndarray:
@@ -110,11 +120,17 @@ def _patient_page(
         for i in order
     ]
     verdict = "ok" if p.true == p.predicted else "wrong"
+    confidence = ""
+    if p.probability is not None:
+        confidence = f"; probability {html.esc(p.confidence_text())}"
+        confidence += " (interval: lowest and highest over the ensemble's models)" if p.interval else ""
+    if p.prediction_set is not None:
+        confidence += f"; conformal prediction set <b>{{{html.esc(p.prediction_set)}}}</b>"
     body = (
         f'<p><a href="../index.html">&larr; cohort</a></p><h1>Patient {html.esc(p.patient_id)}</h1>'
         f"<p>true diagnosis <b>{html.esc(p.true)}</b>, predicted "
-        f'<b class="{verdict}">{html.esc(p.predicted)}</b>; {len(p.boxes)} cells; normalised attention entropy '
-        f"{attention_entropy(p.attention):.3f}</p>"
+        f'<b class="{verdict}">{html.esc(p.predicted)}</b>{confidence}; {len(p.boxes)} cells; '
+        f"normalised attention entropy {attention_entropy(p.attention):.3f}</p>"
         + "".join(html.figure("../" + path.relative_to(out).as_posix(), cap) for path, cap in figs)
         + "<h2>Most-attended cells</h2>"
         + html.table(["row", "attention", "cell type", "ground truth", "cue"], top_rows)
@@ -154,6 +170,8 @@ def build_report(
                 html.link(f"patients/{info['slug']}.html", p.patient_id),
                 p.true,
                 p.predicted,
+                p.confidence_text(),
+                p.prediction_set if p.prediction_set is not None else "-",
                 len(p.boxes),
                 f"{attention_entropy(p.attention):.3f}",
                 f"{curve.area_between:.3f}" if curve else "-",
@@ -169,7 +187,20 @@ def build_report(
         + _summary_html(summary)
         + "".join(html.figure(src, cap) for src, cap in summary.pop("_figures"))
         + "<h2>Patients</h2>"
-        + html.table(["patient", "true", "predicted", "cells", "entropy", "deletion area"], rows, raw_columns=(0,))
+        + html.table(
+            [
+                "patient",
+                "true",
+                "predicted",
+                "probability [members]",
+                "prediction set",
+                "cells",
+                "entropy",
+                "deletion area",
+            ],
+            rows,
+            raw_columns=(0,),
+        )  # fmt: skip
     )
     html.write_page(out / "index.html", title, index)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))

@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-epochs", type=int, help="attention heads: override train.max_epochs")
     parser.add_argument("--n-boot", type=int, help="bootstrap replicates (default 1000)")
+    parser.add_argument("--conformal-level", type=float, help="level of the conformal prediction sets (default 0.9)")
     parser.add_argument("--devices", type=int, help="attention heads train with Lightning DDP on N devices")
     parser.add_argument("--accelerator", help="cpu | gpu | auto (default from config: cpu)")
     parser.add_argument("--wandb", choices=("disabled", "offline", "online"), help="wandb logging (default disabled)")
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         group_by=args.group_by,
         cell_probs_per_fold=args.cell_probs_per_fold,
         n_boot=args.n_boot,
+        conformal_level=args.conformal_level,
         devices=args.devices,
         accelerator=args.accelerator,
         wandb=args.wandb,

@@ -35,6 +35,7 @@ class CompareConfig:
     n_boot: int = 1000
     ci_level: float = 0.95
     ece_bins: int = 10
+    conformal_level: float = 0.9
     standardize: bool = True
     standardize_by: str | None = None
     train_where: str | None = None
@@ -75,6 +76,8 @@ class CompareConfig:
             problems.append("cell_probs_per_fold needs counts hard or soft (ground-truth counts need no classifier)")
         if not 0.5 < self.ci_level < 1.0:
             problems.append(f"ci_level {self.ci_level} must lie between 0.5 and 1")
+        if not 0.5 <= self.conformal_level < 1.0:
+            problems.append(f"conformal_level {self.conformal_level} must lie in [0.5, 1), e.g. 0.9 for 90% sets")
         if self.n_boot < 100:
             problems.append(f"n_boot {self.n_boot} is too few for a 95% interval; use at least 100 (1000 default)")
         if self.devices < 1:

@@ -1,5 +1,6 @@
-"""Results of a comparison on disk: summary.md/.csv (each metric with its CI), paired.csv, predictions.csv,
-config.yaml, roc.png and confusion_<head>.png. Every file is written atomically."""
+"""Results of a comparison on disk: summary.md/.csv (each metric with its CI, and the trust measures of
+mil.compare.trust_report), paired.csv, predictions.csv, config.yaml, roc.png, confusion_<head>.png,
+reliability_<head>.png and risk_coverage_<head>.png. Every file is written atomically."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ import yaml
 from mil.atomic import atomic_path, atomic_write_text
 from mil.compare.config import CompareConfig
 from mil.compare.runner import CompareResult
+from mil.compare.trust_report import (
+    ENSEMBLE_SUFFIX,
+    csv_columns,
+    csv_values,
+    plot_reliability,
+    plot_risk_coverage,
+    prediction_columns,
+    prediction_values,
+    trust_entries,
+    trust_metrics,
+)
+from mil.compare.trust_report import markdown as trust_markdown
 from mil.protocol import BootstrapResult, PairedResult, bootstrap_metrics, paired_bootstrap
 
 SUMMARY_METRICS = (
@@ -70,7 +83,13 @@ def evaluate(result: CompareResult, config: CompareConfig) -> tuple[dict[str, Bo
     return per_head, paired
 
 
-def summary_rows(result: CompareResult, per_head: dict[str, BootstrapResult]) -> tuple[list[str], list[list]]:
+def _kind(result: CompareResult, name: str) -> str:
+    return result.kinds.get(name) or result.kinds[name.removesuffix(ENSEMBLE_SUFFIX)]
+
+
+def summary_rows(
+    result: CompareResult, per_head: dict[str, BootstrapResult], trust: dict[str, dict] | None = None
+) -> tuple[list[str], list[list]]:
     header = ["head", "kind", "splits_sha256", "patients", "seeds"]
     for key, _ in SUMMARY_METRICS:
         header += [key, f"{key}_lo", f"{key}_hi"]
@@ -78,15 +97,19 @@ def summary_rows(result: CompareResult, per_head: dict[str, BootstrapResult]) ->
         for c in result.classes:
             header += [f"{key}_{c}", f"{key}_{c}_lo", f"{key}_{c}_hi"]
     header.append("seconds")
+    if trust:
+        header += csv_columns(result.classes)
     rows = []
     for h, b in per_head.items():
-        row = [h, result.kinds[h], result.splits.sha256, len(result.patients), len(result.splits.seeds)]
+        row = [h, _kind(result, h), result.splits.sha256, len(result.patients), len(result.splits.seeds)]
         for key, _ in SUMMARY_METRICS:
             row += [_fmt(b.point[key]), _fmt(b.lo[key]), _fmt(b.hi[key])]
         for key in ("sensitivity", "specificity"):
             for i in range(len(result.classes)):
                 row += [_fmt(b.point[key][i]), _fmt(b.lo[key][i]), _fmt(b.hi[key][i])]
-        row.append(f"{result.seconds.get(h, 0.0):.1f}")
+        row.append(f"{result.seconds.get(h.removesuffix(ENSEMBLE_SUFFIX), 0.0):.1f}")
+        if trust:
+            row += csv_values(trust[h], result.classes)
         rows.append(row)
     return header, rows
 
@@ -98,7 +121,7 @@ def _metric_table(result: CompareResult, per_head: dict[str, BootstrapResult]) -
     ]
     for h, b in per_head.items():
         cells = [f"{_fmt(b.point[k])} [{_fmt(b.lo[k])}, {_fmt(b.hi[k])}]" for k, _ in SUMMARY_METRICS]
-        lines.append(f"| {h} | {result.kinds[h]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {h} | {_kind(result, h)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -129,6 +152,7 @@ def summary_markdown(
     paired: list[PairedResult],
     config: CompareConfig,
     internal: dict[str, BootstrapResult] | None = None,
+    trust_lines: list[str] | None = None,
 ) -> str:
     level = int(round(config.ci_level * 100))
     n_seeds = len(result.splits.seeds)
@@ -141,6 +165,8 @@ def summary_markdown(
             f"({', '.join(result.classes)}), {n_seeds} seeds"
         )
         scope = "CIs over the external patients"
+        if n_seeds > 1:
+            scope += f"; `<head>{ENSEMBLE_SUFFIX}` is the mean probability of the head's {n_seeds} seed models"
     else:
         title = (
             f"# Comparison: {len(result.patients)} patients, {len(result.classes)} diagnoses "
@@ -184,28 +210,34 @@ def summary_markdown(
             f"{_fmt(b.point['sensitivity'][i])} / {_fmt(b.point['specificity'][i])}" for i in range(len(result.classes))
         ]
         lines.append(f"| {h} | " + " | ".join(cells) + " |")
+    lines += trust_lines or []
     if result.dropped:
         lines += ["", f"Left out (no valid bag): {', '.join(result.dropped)}"]
     return "\n".join(lines) + "\n"
 
 
-def prediction_rows(result: CompareResult) -> tuple[list[str], list[list]]:
+def prediction_rows(result: CompareResult, entries: dict | None = None) -> tuple[list[str], list[list]]:
+    """One row per patient, seed and head (and per patient and `<head>.ensemble` in an external run)."""
     header = ["patient_id", "seed", "fold", "head", "true", "predicted"] + [f"prob_{c}" for c in result.classes]
+    if entries:
+        header += prediction_columns(result.classes)
     rows = []
-    for h, probs in result.probs.items():
-        for s, seed in enumerate(result.splits.seeds):
+    for name, probs in ((n, t.probs) for n, t in entries.items()) if entries else result.probs.items():
+        ensemble = name not in result.probs
+        for s in range(probs.shape[0]):
             for i, p in enumerate(result.patients):
                 pr = probs[s, i]
                 rows.append(
                     [
                         p,
-                        seed,
+                        "all" if ensemble else result.splits.seeds[s],
                         int(result.fold_of[s, i]),
-                        h,
+                        name,
                         result.classes[result.y_true[i]],
                         result.classes[int(pr.argmax())],
                         *(f"{v:.6f}" for v in pr),
                     ]
+                    + (prediction_values(entries[name], s, i, result.classes) if entries else [])
                 )
     return header, rows
 
@@ -278,10 +310,25 @@ def write_report(
     """Every result file of a comparison; returns the per-head bootstrap results and the paired tests."""
     out = Path(out)
     per_head, paired = evaluate(result, config)
+    entries = trust_entries(result, config.conformal_level)
+    trust = {n: trust_metrics(t, result.y_true, result.classes, config.ece_bins) for n, t in entries.items()}
+    per_head = {  # every head's row followed by its ensemble's (external runs)
+        n: per_head[n]
+        if n in per_head
+        else bootstrap_metrics(
+            result.y_true,
+            t.probs,
+            n_boot=config.n_boot,
+            level=config.ci_level,
+            seed=config.seed,
+            n_bins=config.ece_bins,
+        )
+        for n, t in entries.items()
+    }
     internal = None
     if result.internal is not None:
         internal, _ = write_report(result.internal, config, out / "internal_cv")
-    _write_csv(out / "summary.csv", *summary_rows(result, per_head))
+    _write_csv(out / "summary.csv", *summary_rows(result, per_head, trust))
     _write_csv(
         out / "paired.csv",
         ["head_a", "head_b", "metric", "diff", "lo", "hi", "p_value", "n_boot"],
@@ -290,7 +337,7 @@ def write_report(
             for p in paired
         ],
     )
-    _write_csv(out / "predictions.csv", *prediction_rows(result))
+    _write_csv(out / "predictions.csv", *prediction_rows(result, entries))
     resolved = {
         **config.to_dict(),
         **result.sources,
@@ -302,8 +349,12 @@ def write_report(
     atomic_write_text(
         out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False), lambda p: yaml.safe_load(p.read_text())
     )
-    atomic_write_text(out / "summary.md", summary_markdown(result, per_head, paired, config, internal))
+    lines = trust_markdown(entries, trust, result.classes, config.conformal_level)
+    atomic_write_text(out / "summary.md", summary_markdown(result, per_head, paired, config, internal, lines))
     plot_roc(result, out / "roc.png")
     for h, b in per_head.items():
         plot_confusion(result, h, b.confusion, out / f"confusion_{h}.png")
+    for n, t in entries.items():
+        plot_reliability(t, result.y_true, config.ece_bins, out / f"reliability_{n}.png", _save_png)
+        plot_risk_coverage(n, trust[n]["_curves"], out / f"risk_coverage_{n}.png", _save_png)
     return per_head, paired

@@ -4,8 +4,9 @@ Order of work: bags (one encoder, checked) + patient table -> cohort -> splits.j
 or an external split by a patient-table column) -> for each seed and outer fold: covariates encoded with the
 fold's training patients (mil.covariates) -> every count head (fit on train + val, no early stopping needed)
 and every attention head (mil.heads.train.fit_predict, early stopping on val) -> probabilities of the fold's
-test patients -> metrics, CIs and paired tests (mil.compare.report). Every fitted model is saved under
-models/<head>/<fold> with what it needs to score new patients (`mil predict`).
+test patients, and each fold's calibration fitted on patients it does not test (mil.compare.trust) -> metrics,
+CIs, paired tests, calibration, conformal sets and abstention (mil.compare.report). Every fitted model is saved
+under models/<head>/<fold> with what it needs to score new patients (`mil predict`), its calibration included.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from mil.atomic import atomic_path
 from mil.compare.config import CompareConfig
 from mil.compare.normalise import feature_normaliser, fold_statistics
+from mil.compare.trust import attention_trust, count_trust
 from mil.count import (
     build_count_data,
     count_head_class,
@@ -51,6 +53,8 @@ class CompareResult:
     sources: dict[str, str] = field(default_factory=dict)  # bag directory and patient table, for `mil attention`
     provenance: dict = field(default_factory=dict)  # encoder config + preprocessing of the bags (mil.provenance)
     covariates: list[str] = field(default_factory=list)  # encoded covariate names of the last fold (report)
+    calibrated: dict[str, np.ndarray] = field(default_factory=dict)  # like probs, after each fold's calibration
+    trust: dict[str, dict] = field(default_factory=dict)  # head -> fold name -> mil.compare.trust.FoldTrust
     internal: CompareResult | None = None  # the training cohort's own k-fold, with --with-internal-cv
 
 
@@ -289,6 +293,8 @@ def run_compare(
     )
     for h in heads:
         result.probs[h] = np.full((n_seeds, len(order), len(classes)), np.nan)
+        result.calibrated[h] = np.full((n_seeds, len(order), len(classes)), np.nan)
+        result.trust[h] = {}
         result.seconds[h] = 0.0
     attention: dict[str, dict[str, list]] = {h: {} for h in heads if kinds[h] == "attention"}
     norm = feature_normaliser(config.standardize_by, loaded, table)
@@ -311,8 +317,14 @@ def run_compare(
             start = time.perf_counter()
             if kinds[h] == "count":
                 head = create_count_head(h, seed=fs.seed, **config.count_heads.get(h, {}))
-                head.fit(counts.take(fit_on), np.array([target[p] for p in fit_on]), num_classes=len(classes))
-                probs = head.predict_proba(counts.take(list(fs.test)))
+                y_fit = np.array([target[p] for p in fit_on])
+                fit_data, test_data = counts.take(fit_on), counts.take(list(fs.test))
+                head.fit(fit_data, y_fit, num_classes=len(classes))
+                probs = head.predict_proba(test_data)
+                trust, calibrated_model, calibrated = count_trust(
+                    head, fit_data, y_fit, test_data, num_classes=len(classes), seed=fs.seed * 1000 + fs.fold,
+                    patients=fit_on,
+                )  # fmt: skip
                 save_count_model(
                     out / "models" / h / fs.name,
                     head,
@@ -321,12 +333,17 @@ def run_compare(
                     names=counts.names,
                     encoder=encoder,
                     meta=_model_meta(config, fs),
+                    calibrated=calibrated_model,
+                    calibration=trust.to_dict(),
                 )
             else:
-                probs, att = _fit_attention(h, config, fs, loaded, target, classes, out, norm, encoder, table)
+                probs, att, trust = _fit_attention(h, config, fs, loaded, target, classes, out, norm, encoder, table)
+                calibrated = trust.calibrate(probs)
                 for p, a in att.items():
                     attention[h].setdefault(p, []).append(np.asarray(a, dtype=np.float32))
             result.probs[h][s, test_rows] = probs
+            result.calibrated[h][s, test_rows] = calibrated
+            result.trust[h][fs.name] = trust
             result.seconds[h] += time.perf_counter() - start
             acc = float((probs.argmax(axis=1) == y_true[test_rows]).mean())
             scores.append(f"{h} {acc:.2f}")
@@ -408,11 +425,17 @@ def _fit_attention(name, config, fs, loaded, target, classes, out, norm, encoder
         log_dir=out / "logs" / name / fs.name,
     )
     in_dim = int(np.asarray(loaded[fs.train[0]].features).shape[1])
-    meta = {**_model_meta(config, fs), "covariates": encoder.to_dict() if encoder is not None else None}
+    # calibration on the inner validation patients only (mil.compare.trust); stored so `mil predict` applies it
+    trust = attention_trust(result.val_probs, np.array([target[p] for p in fs.val], dtype=np.int64), fs.val)
+    meta = {
+        **_model_meta(config, fs),
+        "covariates": encoder.to_dict() if encoder is not None else None,
+        "calibration": trust.to_dict(),
+    }
     _save_bundle(
         out / "models" / name / f"{fs.name}.pt", name, train_config, result, in_dim, shift, scale, classes, meta
     )
-    return np.asarray(result.probs, dtype=np.float64), result.attention
+    return np.asarray(result.probs, dtype=np.float64), result.attention, trust
 
 
 def _save_bundle(path, name, train_config, result, in_dim, shift, scale, classes, meta) -> None:

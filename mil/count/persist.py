@@ -3,7 +3,10 @@ list of trusted scikit-learn and numpy types, RELIABILITY promise 6), and a JSON
 
 models/<head>/<fold>.skops  the estimator (skops zip)
 models/<head>/<fold>.json   head name and options, classes, differential column names, the covariate encoder
-                            fitted on the fold's training patients, and the fold's patients
+                            fitted on the fold's training patients, the fold's patients, and its calibration record
+                            (mil.compare.trust: conformal scores, binary threshold)
+models/<head>/<fold>.calibrated.skops  the head's CalibratedClassifierCV (sigmoid, cross-validated within the
+                            fold's training patients), when it could be fitted
 """
 
 from __future__ import annotations
@@ -18,18 +21,36 @@ COUNT_MODEL_FORMAT = "cytomil-count-head/1"
 TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.")
 
 
-def save_count_model(stem: Path, head, *, options: dict, classes: list[str], names: list[str], encoder, meta: dict):
-    """Write `stem`.skops and `stem`.json atomically; the JSON last, so a model counts as saved once it exists."""
+def _write_estimator(path: Path, estimator) -> None:
     import skops.io as sio
 
-    stem = Path(stem)
-    data = sio.dumps(head.model)
+    data = sio.dumps(estimator)
 
     def readable(tmp: Path) -> None:
         _load_estimator(tmp.read_bytes(), where=str(tmp))
 
-    with atomic_path(stem.with_suffix(".skops"), readable) as tmp:
+    with atomic_path(path, readable) as tmp:
         tmp.write_bytes(data)
+
+
+def save_count_model(
+    stem: Path,
+    head,
+    *,
+    options: dict,
+    classes: list[str],
+    names: list[str],
+    encoder,
+    meta: dict,
+    calibrated=None,
+    calibration: dict | None = None,
+):
+    """Write `stem`.skops (and `stem`.calibrated.skops) and `stem`.json atomically; the JSON last, so a model
+    counts as saved once it exists."""
+    stem = Path(stem)
+    _write_estimator(stem.with_suffix(".skops"), head.model)
+    if calibrated is not None:
+        _write_estimator(_calibrated_path(stem), calibrated)
     record = {
         "format": COUNT_MODEL_FORMAT,
         "head": head.head_name,
@@ -40,6 +61,8 @@ def save_count_model(stem: Path, head, *, options: dict, classes: list[str], nam
         "names": list(names),
         "covariates": encoder.to_dict() if encoder is not None else None,
         "meta": dict(meta),
+        "calibration": calibration,
+        "calibrated_model": _calibrated_path(stem).name if calibrated is not None else None,
     }
     atomic_write_text(
         stem.with_suffix(".json"), json.dumps(record, indent=1) + "\n", lambda p: json.loads(p.read_text())
@@ -79,3 +102,19 @@ def load_count_model(stem: Path):
         raise InputError(f"count model {path} is missing ({e}); rerun `mil compare`") from e
     head.model = _load_estimator(data, where=str(path))
     return head, record
+
+
+def _calibrated_path(stem: Path) -> Path:
+    return stem.with_name(stem.name + ".calibrated.skops")
+
+
+def load_calibrated_model(stem: Path, record: dict):
+    """The calibrated estimator a count model's record names, or None (saved without one)."""
+    if not record.get("calibrated_model"):
+        return None
+    path = Path(stem).with_name(record["calibrated_model"])
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"calibrated count model {path} is missing ({e}); rerun `mil compare`") from e
+    return _load_estimator(data, where=str(path))

@@ -110,6 +110,8 @@ class HeadResult:
     best_checkpoint: str | None = None
     covariate_shift: np.ndarray | None = None  # (K,) the training records' covariate mean and std, applied to
     covariate_scale: np.ndarray | None = None  # every record before the head; a bundle stores them for `mil predict`
+    val_probs: np.ndarray | None = None  # (val patients, C) of the restored head, in ``val`` order: what
+    # calibration (temperature, conformal sets, binary thresholds) is fitted on, never the test patients
 
 
 def is_global_zero() -> bool:
@@ -272,6 +274,7 @@ def fit_predict(
         if state != "finished" and is_global_zero():
             atomic_write_text(log_dir / FINISHED_FILE, json.dumps({"best_epoch": history["best_epoch"]}))
         probs, attention = evaluate_bags(module.head, test, batch_size=run_config.batch_size)
+        val_probs = evaluate_bags(module.head, val, batch_size=run_config.batch_size)[0] if val else None
     return HeadResult(
         probs=probs,
         attention=attention,
@@ -279,4 +282,5 @@ def fit_predict(
         best_checkpoint=str(best),
         covariate_shift=cov_shift,
         covariate_scale=cov_scale,
+        val_probs=val_probs,
     )

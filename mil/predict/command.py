@@ -20,13 +20,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="apply one saved model (e.g. seed0_fold2 or seed0_external) instead of the ensemble of all of them",
     )
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs (default 1000)")
+    parser.add_argument(
+        "--level", type=float, help="level of the conformal prediction sets (default: the comparison's, 0.9)"
+    )
+    parser.add_argument(
+        "--refer-below",
+        type=float,
+        metavar="P",
+        help="mark patients whose top calibrated probability is below P as referred (column referred); "
+        "summary.md adds a row without them",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from mil.errors import ConfigError
     from mil.locks import output_lock
     from mil.predict.report import write_predictions
-    from mil.predict.run import run_predict
+    from mil.predict.run import read_results_config, run_predict
+    from mil.protocol.conformal import check_level
 
+    level = check_level(args.level if args.level is not None else read_results_config(Path(args.results)).get(
+        "conformal_level", 0.9))  # fmt: skip
+    if args.refer_below is not None and not 0.0 < args.refer_below <= 1.0:
+        raise ConfigError(f"--refer-below {args.refer_below} must be a probability in (0, 1], e.g. 0.6")
     heads = [h.strip() for h in args.heads.split(",") if h.strip()] if args.heads else None
     out = Path(args.out)
     patients = Path(args.patients) if args.patients else None
@@ -35,7 +51,14 @@ def run(args: argparse.Namespace) -> int:
         if removed := lock.remove_orphaned_temp_files(recursive=True):
             print(f"removed {len(removed)} temporary file(s) left by an interrupted run")
         per_head = write_predictions(
-            result, out, results=Path(args.results), bags=Path(args.bags), patients=patients, n_boot=args.n_boot
+            result,
+            out,
+            results=Path(args.results),
+            bags=Path(args.bags),
+            patients=patients,
+            n_boot=args.n_boot,
+            level=level,
+            refer_threshold=args.refer_below,
         )
     if per_head:
         print((out / "summary.md").read_text())

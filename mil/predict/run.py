@@ -38,10 +38,28 @@ class PredictResult:
     probs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # head -> member -> (P, C)
     attention: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)  # head -> member -> pid
     kinds: dict[str, str] = field(default_factory=dict)
+    calibrated: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # head -> member -> (P, C)
+    trust: dict[str, dict] = field(default_factory=dict)  # head -> member -> mil.compare.trust.FoldTrust
 
     def ensemble(self, head: str) -> np.ndarray:
         """(P, C) mean probability over the head's members."""
         return np.mean(np.stack(list(self.probs[head].values())), axis=0)
+
+    def calibrated_ensemble(self, head: str) -> np.ndarray:
+        """(P, C) mean of the members' calibrated probabilities."""
+        return np.mean(np.stack(list(self.calibrated[head].values())), axis=0)
+
+    def member_sets(self, head: str, member: str, level: float, classwise: bool) -> np.ndarray:
+        """(P, C) conformal sets of one member, calibrated on the held-out patients of its training fold."""
+        return self.trust[head][member].sets(self.calibrated[head][member], level, classwise)
+
+    def ensemble_sets(self, head: str, level: float, classwise: bool) -> np.ndarray:
+        """(P, C) sets of the calibrated ensemble at the members' mean threshold (mil.protocol.conformal)."""
+        from mil.protocol.conformal import ensemble_sets
+
+        members = list(self.probs[head])
+        calibrations = [self.trust[head][m].conformal for m in members]
+        return ensemble_sets(calibrations, self.calibrated_ensemble(head), level, classwise)
 
     def spread(self, head: str) -> np.ndarray:
         """(P, C) standard deviation of the members' probabilities (0 with one member)."""
@@ -97,10 +115,13 @@ def _patient_rows(patients: Path | None, bag_patients: list[str]) -> dict[str, d
     return rows
 
 
-def _count_probs(member: Member, bags: dict, rows: dict[str, dict], order: list[str]) -> np.ndarray:
+def _count_probs(member: Member, bags: dict, rows: dict[str, dict], order: list[str]):
+    """(probabilities, calibrated probabilities, FoldTrust) of one saved count model."""
+    from mil.compare.trust import FoldTrust
     from mil.count import build_count_data, load_groups
-    from mil.count.persist import load_count_model
+    from mil.count.persist import load_calibrated_model, load_count_model
     from mil.covariates import CovariateEncoder
+    from mil.protocol.calibration import calibrated_count_proba
 
     head, record = load_count_model(member.path.with_suffix(""))
     meta = record["meta"]
@@ -115,7 +136,10 @@ def _count_probs(member: Member, bags: dict, rows: dict[str, dict], order: list[
     if record.get("covariates"):
         encoder = CovariateEncoder.from_dict(record["covariates"])
         data = data.with_covariates(encoder.transform([rows[p] for p in order], role="new"))
-    return head.predict_proba(data)
+    probs = head.predict_proba(data)
+    model = load_calibrated_model(member.path.with_suffix(""), record)
+    calibrated = probs if model is None else calibrated_count_proba(head, model, data, head.num_classes)
+    return probs, calibrated, FoldTrust.from_dict(record.get("calibration"))
 
 
 def _attention_probs(member: Member, bags: dict, rows: dict[str, dict], order: list[str], normalisers: dict):
@@ -135,7 +159,7 @@ def _attention_probs(member: Member, bags: dict, rows: dict[str, dict], order: l
         prob, weights = bundle.predict_with_attention(norm(p), cov)
         probs.append(prob)
         attention[p] = np.asarray(weights, dtype=np.float32)
-    return np.stack(probs), attention
+    return np.stack(probs), attention, bundle.meta.get("calibration")
 
 
 def run_predict(
@@ -189,13 +213,19 @@ def run_predict(
         truth = {p: dx for p, dx in truth.items() if dx in classes}
     result = PredictResult(patients=order, classes=classes, truth=truth)
     normalisers: dict = {}
+    from mil.compare.trust import FoldTrust
+
     for i, m in enumerate(members):
         result.kinds[m.head] = m.kind
         if m.kind == "count":
-            probs = _count_probs(m, loaded, rows, order)
+            probs, calibrated, trust = _count_probs(m, loaded, rows, order)
         else:
-            probs, attention = _attention_probs(m, loaded, rows, order, normalisers)
+            probs, attention, record = _attention_probs(m, loaded, rows, order, normalisers)
             result.attention.setdefault(m.head, {})[m.name] = attention
+            trust = FoldTrust.from_dict(record)  # temperature fitted on the fold's validation patients
+            calibrated = trust.calibrate(probs)
         result.probs.setdefault(m.head, {})[m.name] = probs
+        result.calibrated.setdefault(m.head, {})[m.name] = calibrated
+        result.trust.setdefault(m.head, {})[m.name] = trust
         log(f"[{i + 1}/{len(members)}] {m.head} {m.name}: {len(order)} patients")
     return result
