@@ -240,3 +240,34 @@ def test_predict_refuses_an_output_folder_another_run_holds(tmp_path, capsys):
         code = main(["predict", "--results", str(out), "--bags", str(bags), "--out", str(tmp_path / "pred")])
     assert code == 2 and "mil predict" in capsys.readouterr().err
     assert main(["predict", "--results", str(out), "--bags", str(bags), "--out", str(tmp_path / "pred")]) == 0
+
+
+def test_covariate_offset_is_a_logistic_regression_on_training_covariates_kept_fixed(tmp_path):
+    """covariate_fusion='offset': the head's covariate weights are the training patients' logistic regression,
+    frozen through training (the cells learn what the covariates do not explain); 'joint' trains them."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from mil.heads.data import BagRecord
+    from mil.heads.train import TrainConfig, fit_predict
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(30):
+        dx = i % 2
+        bag = fake_bag(f"P{i:02d}", dx, rng)
+        records.append(BagRecord(f"P{i:02d}", bag.features, dx, covariates=np.array([dx + rng.normal(), rng.normal()])))
+    train, val, test = records[:20], records[20:25], records[25:]
+    config = TrainConfig(max_epochs=3, batch_size=4, hidden_dim=16)
+    result = fit_predict("mean", train=train, val=val, test=test, num_classes=2, config=config, log_dir=tmp_path / "o")
+    state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    weights = state["head.covariate_classifier.weight"].numpy()
+    z = (np.stack([r.covariates for r in train]) - result.covariate_shift) / result.covariate_scale
+    reference = LogisticRegression(max_iter=5000, class_weight="balanced", random_state=0)
+    reference.fit(z, [r.target for r in train])
+    np.testing.assert_allclose(weights[1] - weights[0], reference.coef_[0], atol=1e-5)
+    joint = TrainConfig(max_epochs=3, batch_size=4, hidden_dim=16, covariate_fusion="joint")
+    result = fit_predict("mean", train=train, val=val, test=test, num_classes=2, config=joint, log_dir=tmp_path / "j")
+    state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert not np.allclose(state["head.covariate_classifier.weight"].numpy()[1] - state[
+        "head.covariate_classifier.weight"].numpy()[0], reference.coef_[0], atol=1e-3)  # fmt: skip

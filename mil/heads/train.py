@@ -61,6 +61,10 @@ class TrainConfig:
     monitor: str = "val_loss"  # or "val_auroc" (macro one-vs-rest over the classes present in val)
     class_weighted: bool = True
     head_kwargs: dict = field(default_factory=dict)  # extra constructor options of the head
+    # How patient covariates join the cells: "offset" fits their logit weights first by a (class-balanced) logistic
+    # regression on the training patients and keeps them fixed, so the cell head learns what the covariates do not
+    # explain; "joint" trains them with the head (on small cohorts the cells then overfit and crowd them out).
+    covariate_fusion: str = "offset"
     wandb: str = "disabled"  # "offline" | "online" | "disabled"; WANDB_MODE=disabled in the env wins
     wandb_project: str = "cytomil"
     # "32-true" (exact, reproducible to the bit on CPU) or "bf16-mixed" (autocast: ~1.15x faster ABMIL training
@@ -86,6 +90,8 @@ class TrainConfig:
             problems.append(f"max_cells_train={self.max_cells_train}: must be >= 1 or None")
         if not 0 <= self.dropout < 1:
             problems.append(f"dropout={self.dropout}: must be in [0, 1)")
+        if self.covariate_fusion not in ("offset", "joint"):
+            problems.append(f"covariate_fusion={self.covariate_fusion!r}: use 'offset' or 'joint'")
         if problems:
             raise ConfigError("invalid training config:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -147,6 +153,28 @@ def _standardize_covariates(train: list[BagRecord], others: list[list[BagRecord]
         ]
 
     return scaled(train), [scaled(group) for group in others], mean, std
+
+
+def _fit_covariate_offset(head: MilHead, train: list[BagRecord], num_classes: int, *, seed: int, balanced: bool):
+    """Set the head's covariate logit weights (C, K) from a logistic regression on the training patients' covariates
+    alone, and freeze them: the covariates' own contribution, fitted where the cells cannot crowd it out."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.stack([np.asarray(r.covariates, np.float64).reshape(-1) for r in train])  # (P, K), already z-scored
+    y = np.array([int(r.target) for r in train])
+    weights = np.zeros((num_classes, x.shape[1]))
+    if len(set(y)) > 1:
+        model = LogisticRegression(max_iter=5000, class_weight="balanced" if balanced else None, random_state=seed)
+        model.fit(x, y)
+        seen = np.asarray(model.classes_, dtype=np.int64)
+        if len(seen) == 2:  # one log-odds vector w: softmax logits -w/2 and +w/2 give the same probabilities
+            weights[seen[0]], weights[seen[1]] = -model.coef_[0] / 2, model.coef_[0] / 2
+        else:
+            weights[seen] = model.coef_
+    layer = head.covariate_classifier
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(weights, dtype=layer.weight.dtype))
+    layer.weight.requires_grad_(False)
 
 
 def _class_weights(train: list[BagRecord], num_classes: int, weighted: bool) -> torch.Tensor:
@@ -253,6 +281,8 @@ def fit_predict(
             head = create_head(head, in_dim=in_dim, num_classes=num_classes, **kwargs)
         if head.covariate_dim != covariates:
             raise ConfigError(f"the head takes {head.covariate_dim} covariates but the records carry {covariates}")
+        if covariates and config.covariate_fusion == "offset":
+            _fit_covariate_offset(head, train, num_classes, seed=config.seed, balanced=config.class_weighted)
         monitor = config.monitor
         if monitor == "val_auroc" and len({int(r.target) for r in val}) < 2:
             monitor = "val_loss"  # AUROC needs two classes in validation; loss always exists
