@@ -56,3 +56,13 @@ def test_fold_statistics_leave_out_one_extreme_bag_with_a_warning():
     assert len(lines) == 1 and "left out of the standardisation" in lines[0]
     fold_statistics(arrays, log=lines.append)
     assert len(lines) == 1  # no warning without an outlier
+
+
+def test_a_feature_constant_in_the_fitting_cells_is_centred_not_blown_up():
+    """A dead feature (std 0 in training) must not divide another centre's small deviations by 1e-6."""
+    rng = np.random.default_rng(3)
+    train = [np.column_stack([rng.normal(size=20), np.zeros(20)]) for _ in range(4)]
+    shift, scale = fold_statistics(train, log=lambda *_: None)
+    assert scale[1] == 1.0 and scale[0] == pytest.approx(np.concatenate(train)[:, 0].std() + 1e-6)
+    test = np.column_stack([rng.normal(size=20), np.full(20, 0.01)])
+    assert np.abs((test - shift) / scale).max() < 10

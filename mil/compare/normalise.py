@@ -22,10 +22,17 @@ import numpy as np
 from mil.errors import ConfigError
 
 OUTLIER_RATIO = 100.0  # a bag whose RMS feature is 100x the median bag's is left out of the fold statistics
+CONSTANT = 1e-6  # a feature whose std is at most this is constant here: it is centred, not scaled
+
+
+def safe_scale(std: np.ndarray) -> np.ndarray:
+    """std + 1e-6, but 1 for a constant feature. Dividing a feature that is constant in the fitting cells by ~1e-6
+    would blow up every other cell's tiny deviation a millionfold (as scikit-learn's StandardScaler, scale 1)."""
+    return np.where(std > CONSTANT, std + CONSTANT, 1.0)
 
 
 def _bag_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return x.mean(axis=0), x.std(axis=0) + 1e-6
+    return x.mean(axis=0), safe_scale(x.std(axis=0))
 
 
 def fold_statistics(arrays: list[np.ndarray], log=print) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +47,7 @@ def fold_statistics(arrays: list[np.ndarray], log=print) -> tuple[np.ndarray, np
             "check them with `mil verify`"
         )
     cells = np.concatenate([arrays[i] for i in keep])
-    return cells.mean(axis=0), cells.std(axis=0) + 1e-6
+    return cells.mean(axis=0), safe_scale(cells.std(axis=0))
 
 
 def group_of(table: dict[str, dict], column: str) -> dict[str, str]:
