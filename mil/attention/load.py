@@ -207,7 +207,7 @@ def report_from_results(
     predict = (lambda pid, features: bundles[pid].predict(features)) if len(bundles) == len(records) else None
     if predict is None:
         print(
-            f"note: deletion curves skipped: no saved head for some patients under {Path(results) / 'models' / head}, "
-            "or the head needs covariates or per-group statistics beside the bag"
+            f"note: deletion curves skipped: {head} has no saved model for some patients of {results}, or its models "
+            "need covariates or per-centre statistics beside the bag (deletion curves rerun a model on the bag alone)"
         )
     return build_report(records, out, title=f"Attention over cells: {head}", head=head, predict=predict, top_k=top_k)
