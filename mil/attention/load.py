@@ -77,7 +77,6 @@ def load_patients(
     with_models: bool = True,
 ) -> tuple[list[PatientAttention], dict]:
     """Records for every patient tested in the first seed, and a map patient -> head bundle (may be empty)."""
-    from features.bags import BagDirectory
     from mil.protocol.splits import read_splits
 
     results = Path(results)
@@ -90,12 +89,7 @@ def load_patients(
     splits = read_splits(results / "splits.json")
     seed = splits.seeds[0]
     predictions = _predictions(results, head, seed)
-    att_dir = results / "attention" / head
-    if not att_dir.is_dir():
-        raise InputError(f"{att_dir} is missing: {head!r} saved no attention (is it an attention head?)")
-    directory = BagDirectory(bags)
-    extras = _cell_extras(Path(cells) if cells else None)
-    classes = list(config.get("classes") or [])
+    att_dir, directory, extras, classes = _shared_inputs(results, head, bags, cells, config)
     fold_of = {p: fs for fs in splits.splits if fs.seed == seed for p in fs.test}
     members = _member_rows(results, head)
     bundles: dict = {}
@@ -110,6 +104,16 @@ def load_patients(
                 bundles[bundle_path] = _runnable_bundle(bundle_path)
             bundles[pid] = bundles[bundle_path]
     return records, {p: b for p, b in bundles.items() if isinstance(p, str) and b is not None}
+
+
+def _shared_inputs(results: Path, head: str, bags: Path, cells, config: dict):
+    """The attention folder of `head`, the bag directory, the cell table's extra columns and the class names."""
+    from features.bags import BagDirectory
+
+    att_dir = results / "attention" / head
+    if not att_dir.is_dir():
+        raise InputError(f"{att_dir} is missing: {head!r} saved no attention (is it an attention head?)")
+    return att_dir, BagDirectory(bags), _cell_extras(Path(cells) if cells else None), list(config.get("classes") or [])
 
 
 def _runnable_bundle(path: Path):
@@ -127,19 +131,12 @@ def _load_predicted(results: Path, config: dict, head: str, bags, cells, max_pat
     """Records of a `mil predict` folder: ensemble predictions, attention averaged over the member models."""
     import json
 
-    from features.bags import BagDirectory
-
     record = json.loads((results / "predict.json").read_text())
     members = record["heads"].get(head)
     if not members:
         raise InputError(f"{results} has no predictions of head {head!r}; it has {sorted(record['heads'])}")
     predictions = _predictions(results, head, None)
-    att_dir = results / "attention" / head
-    if not att_dir.is_dir():
-        raise InputError(f"{att_dir} is missing: {head!r} saved no attention (is it an attention head?)")
-    directory = BagDirectory(bags)
-    extras = _cell_extras(Path(cells) if cells else None)
-    classes = list(config.get("classes") or [])
+    att_dir, directory, extras, classes = _shared_inputs(results, head, bags, cells, config)
     bundle = None
     first = Path(record["results"]) / "models" / head / f"{members[0]}.pt"
     if with_models and first.exists():
