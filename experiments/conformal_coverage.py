@@ -123,7 +123,7 @@ def coverage_table(draws: list[dict[str, dict]], level: float) -> list[str]:
 
 def temperature_draw(out: Path, draw: int) -> dict:
     """An over-confident abmil: trained on 90 patients without validation (last epoch kept), 50 epochs."""
-    from features.bags import BagDirectory
+    from features.bag_directory import BagDirectory
     from mil.cell_table import read_patient_table
     from mil.compare.trust import attention_trust
     from mil.heads.data import BagRecord

@@ -88,7 +88,7 @@ def extract(cells: Path, out: Path, args, *extra: str) -> Path:
     return out
 
 
-def compare(bags: Path, patients: Path, out: Path, args, *extra: str, heads: str | None = None):
+def compare(bags: Path, patients: Path, out: Path, args, *extra: str, heads: str | None = None, train=None):
     """One `mil compare` (reused when its summary exists); returns (result, per-head bootstrap, seconds)."""
     from mil.compare import load_compare_config, run_compare
     from mil.compare.command import add_arguments
@@ -102,6 +102,7 @@ def compare(bags: Path, patients: Path, out: Path, args, *extra: str, heads: str
     keys = ("heads", "folds", "seeds", "n_boot", "train_where", "test_where", "with_internal_cv", "covariates",
             "standardize_by")  # fmt: skip
     config = load_compare_config(None, **{k: getattr(cli, k) for k in keys})
+    config.train = {**config.train, **(train or {})}
     start = time.perf_counter()
     result = run_compare(config, bags=bags, patients=patients, out=out, log=lambda line: print(f"  {line}"))
     per_head, _ = write_report(result, config, out)
@@ -181,6 +182,10 @@ def main(argv=None) -> int:
     cov_rows = [("covariates only (count.covariates)", "count.covariates", wc_heads, with_cov)]
     for h in cov_heads.split(","):
         cov_rows += [(f"{h}, cells only", h, co_heads, cells_only), (f"{h}, cells + covariates", h, wc_heads, with_cov)]
+    if "abmil" in cov_heads:  # the default covariate_fusion (offset) against covariates trained with the head
+        _, joint_heads, _, _ = compare(bags0, patients0, runs / "cells_covariates_joint", args, "--covariates",
+                                       args.covariates, heads="abmil", train={"covariate_fusion": "joint"})  # fmt: skip
+        cov_rows.append(("abmil, cells + covariates (covariate_fusion: joint)", "abmil", joint_heads, None))
     tests = []
     for h in cov_heads.split(","):
         tests.append(paired(with_cov, cells_only, h, h, f"{h} + covariates", f"{h} cells only", args))

@@ -35,19 +35,18 @@ from pathlib import Path
 
 import numpy as np
 
+from features.bag_directory import check_encoder_width, write_manifest
 from features.bags import (
-    NOT_A_BAG,
     Bag,
     bag_path,
     canonical_json,
-    check_encoder_width,
     config_dict,
     read_bag_header,
     validate_bag,
     write_bag,
-    write_manifest,
 )
 from features.cropping import FieldCrops, ImageJob, keep_item, worker_init
+from features.integrity import NOT_A_BAG
 from mil.atomic import atomic_write_text
 from mil.cell_table import CellTable, read_cell_table, unsafe_patient_id_reason
 from mil.errors import ConfigError, InputError, listing

@@ -311,3 +311,13 @@ def output_lock(
                 os.ftruncate(fds[0], 0)  # an empty record: no stale owner is ever named
         for fd in reversed(fds):
             os.close(fd)
+
+
+@contextlib.contextmanager
+def command_folder(folder: str | os.PathLike, *, command: str) -> Iterator[OutputLock]:
+    """What `mil compare`, `mil attention` and `mil predict` do first: hold their output folder, then remove the
+    temporary files a killed earlier run left in it (only those whose writer is gone)."""
+    with output_lock(folder, command=command) as lock:
+        if removed := lock.remove_orphaned_temp_files(recursive=True):
+            print(f"removed {len(removed)} temporary file(s) left by an interrupted run")
+        yield lock

@@ -7,18 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
-from features.bags import (
-    Bag,
-    BagDirectory,
-    bag_path,
-    check_encoder_width,
-    read_bag,
-    read_bag_features,
-    read_bag_header,
-    validate_bag,
-    write_bag,
-    write_manifest,
-)
+from features.bag_directory import BagDirectory, check_encoder_width, write_manifest
+from features.bags import Bag, bag_path, read_bag, read_bag_features, read_bag_header, validate_bag, write_bag
 from mil.atomic import leftover_temp_files
 from mil.errors import ConfigError, InputError
 

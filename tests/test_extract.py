@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from features.bags import BagDirectory, bag_path, read_bag, validate_bag
+from features.bag_directory import BagDirectory
+from features.bags import bag_path, read_bag, validate_bag
 from features.extract import ExtractConfig, parse_shard, resolve_device, run_extract, shard_patients
 from mil.atomic import leftover_temp_files
 from mil.cell_table import CellTable

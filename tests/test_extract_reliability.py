@@ -15,7 +15,8 @@ import pytest
 import torch
 from test_extract import assert_same_bags, extract, make_cohort
 
-from features.bags import BagDirectory, bag_path, read_bag, validate_bag
+from features.bag_directory import BagDirectory
+from features.bags import bag_path, read_bag, validate_bag
 from features.registry import create_encoder
 from mil.atomic import leftover_temp_files
 

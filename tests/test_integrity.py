@@ -14,15 +14,8 @@ from test_bags import make_bag
 from test_compare import compare, write_cohort
 from test_extract import bag_arrays, extract, make_cohort
 
-from features.bags import (
-    BagDirectory,
-    bag_path,
-    read_bag,
-    read_bag_features,
-    read_bag_header,
-    validate_bag,
-    write_bag,
-)
+from features.bag_directory import BagDirectory
+from features.bags import bag_path, read_bag, read_bag_features, read_bag_header, validate_bag, write_bag
 from features.integrity import NOT_A_BAG, array_digest
 from mil.cli import main as mil_main
 from mil.errors import InputError

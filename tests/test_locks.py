@@ -14,7 +14,8 @@ import pytest
 from test_compare import compare, write_cohort
 from test_extract import assert_same_bags, extract, make_cohort
 
-from features.bags import BagDirectory, read_bag_header, read_manifest
+from features.bag_directory import BagDirectory, read_manifest
+from features.bags import read_bag_header
 from mil.atomic import atomic_path, leftover_temp_files, temp_owner, this_host
 from mil.cli import main as mil_main
 from mil.locks import LOCK_NAME, FolderBusyError, output_lock

@@ -11,7 +11,8 @@ import pytest
 import torch
 from test_extract import assert_same_bags, extract
 
-from features.bags import BagDirectory, bag_path, read_bag
+from features.bag_directory import BagDirectory
+from features.bags import bag_path, read_bag
 from features.stain import file_sha256, fit_stain_norm, lab_statistics
 from mil.cell_table import CellTable, read_cell_table
 from mil.cli import main as mil_main

@@ -35,7 +35,8 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from features.bags import BagDirectory, inspect_bag
+    from features.bag_directory import BagDirectory
+    from features.bags import inspect_bag
     from features.integrity import NOT_A_BAG, SCALE_OUTLIER_FACTOR, feature_scale, scale_outliers
     from mil.errors import ConfigError, InputError
 

@@ -19,12 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mil.attention.load import report_from_results
-    from mil.locks import output_lock
+    from mil.locks import command_folder
 
     start = time.perf_counter()
-    with output_lock(args.out, command="mil attention") as lock:  # one run per report folder (RELIABILITY 8)
-        if removed := lock.remove_orphaned_temp_files(recursive=True):
-            print(f"removed {len(removed)} temporary file(s) left by an interrupted run")
+    with command_folder(args.out, command="mil attention"):  # one run per report folder (RELIABILITY 8)
         summary = report_from_results(
             args.results,
             args.out,

@@ -108,7 +108,7 @@ def load_patients(
 
 def _shared_inputs(results: Path, head: str, bags: Path, cells, config: dict):
     """The attention folder of `head`, the bag directory, the cell table's extra columns and the class names."""
-    from features.bags import BagDirectory
+    from features.bag_directory import BagDirectory
 
     att_dir = results / "attention" / head
     if not att_dir.is_dir():

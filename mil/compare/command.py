@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from mil.compare.config import load_compare_config
     from mil.compare.report import write_report
     from mil.compare.runner import run_compare
-    from mil.locks import output_lock
+    from mil.locks import command_folder
 
     config = load_compare_config(
         args.config,
@@ -85,9 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_epochs is not None:
         config.train = {**config.train, "max_epochs": args.max_epochs}
     out = Path(args.out)
-    with output_lock(out, command="mil compare") as lock:  # one run per results folder (RELIABILITY promise 8)
-        if removed := lock.remove_orphaned_temp_files(recursive=True):
-            print(f"removed {len(removed)} temporary file(s) left by an interrupted run")
+    with command_folder(out, command="mil compare"):  # one run per results folder (RELIABILITY promise 8)
         result = run_compare(config, bags=args.bags, patients=args.patients, out=out)
         write_report(result, config, out)
     print((out / "summary.md").read_text())

@@ -162,7 +162,7 @@ def _train_config(config: CompareConfig, seed: int, head_kwargs: dict | None = N
 
 def _count_data_for_fold(config: CompareConfig, fold: dict, groups, group_by, n_seeds: int):
     """Count inputs for one fold from that fold's cross-fitted classifier bags, checked for leakage."""
-    from features.bags import BagDirectory
+    from features.bag_directory import BagDirectory
 
     folder = crossfit_folder(Path(config.cell_probs_per_fold), fold, n_seeds)
     directory = BagDirectory(folder)
@@ -203,7 +203,7 @@ def run_compare(
 
     `only`: restrict the cohort to these patients (the internal CV of an external comparison's training cohort).
     """
-    from features.bags import BagDirectory
+    from features.bag_directory import BagDirectory
     from mil.cell_table import read_patient_table
     from mil.covariates import check_columns, refuse_leaks
 

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mil.errors import ConfigError
-    from mil.locks import output_lock
+    from mil.locks import command_folder
     from mil.predict.report import write_predictions
     from mil.predict.run import read_results_config, run_predict
     from mil.protocol.conformal import check_level
@@ -47,9 +47,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     patients = Path(args.patients) if args.patients else None
     result = run_predict(results=args.results, bags=args.bags, patients=args.patients, heads=heads, model=args.model)
-    with output_lock(out, command="mil predict") as lock:  # one run per output folder (RELIABILITY promise 8)
-        if removed := lock.remove_orphaned_temp_files(recursive=True):
-            print(f"removed {len(removed)} temporary file(s) left by an interrupted run")
+    with command_folder(out, command="mil predict"):  # one run per output folder (RELIABILITY promise 8)
         per_head = write_predictions(
             result,
             out,

@@ -172,7 +172,7 @@ def run_predict(
     log=print,
 ) -> PredictResult:
     """Probabilities of every member model (and so the ensemble) of each head for every valid bag of `bags`."""
-    from features.bags import BagDirectory
+    from features.bag_directory import BagDirectory
     from mil.provenance import bag_provenance, check_same_provenance
 
     results = Path(results)
