@@ -11,8 +11,9 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
-from mil import __version__
+from mil import __version__, threads
 from mil.errors import MilError
 
 # command -> (module, one-line help). Add a command by adding a row and writing the module.
@@ -114,25 +115,89 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
-    module_name, text = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"mil {name}", description=text)
-    module.add_arguments(parser)
+    parser = command_parser(name)
     args = parser.parse_args(rest)
+    out = _out_folder(args)
+    fresh = out is not None and not out.exists()
+    code = 1
     try:
+        threads.apply(getattr(args, "threads", None))
         with _stop_on_signals():
-            code = module.run(args)
+            code = int(module_run(name, args) or 0)
     except MilError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except Stopped as e:
         name = signal.Signals(e.signum).name
         print(f"stopped by {name}; temporary files removed; run the same command again to resume", file=sys.stderr)
-        return e.exit_code
+        code = e.exit_code
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return int(code or 0)
+        code = 130
+    finally:
+        if code != 0 and fresh:
+            _remove_if_empty(out)
+    return code
+
+
+class DefaultsShown(argparse.HelpFormatter):
+    """Every option's default in `--help`, unless its help already names it or there is none to name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if action.nargs == 0:  # store_true / store_false flags
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of `mil NAME`: the module's options, `--threads`, and every default shown in `--help`."""
+    module_name, text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"mil {name}", description=text, formatter_class=DefaultsShown)
+    module.add_arguments(parser)
+    if not any("--threads" in a.option_strings for a in parser._actions):
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="CPU threads for torch (0 = every core this process may use; default: $MIL_THREADS, else "
+            f"$OMP_NUM_THREADS, else the cores this process may use, {threads.available_cores()} here)",
+        )
+    return parser
+
+
+def module_run(name: str, args: argparse.Namespace):
+    return importlib.import_module(COMMANDS[name][0]).run(args)
+
+
+def _out_folder(args: argparse.Namespace) -> Path | None:
+    """The folder a command writes (its `--out`), when that is a folder rather than a file."""
+    out = getattr(args, "out", None)
+    if out is None:
+        return None
+    out = Path(out)
+    return None if out.suffix.lower() in (".csv", ".json", ".yaml", ".yml", ".md") else out
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """A failed command leaves no empty output folder behind: only lock files and empty sub-folders are removed,
+    never a file the command or the user wrote."""
+    if not folder.is_dir():
+        return
+    for root, dirs, files in os.walk(folder, topdown=False):
+        if any(not f.startswith(".mil.") or not f.endswith(".lock") for f in files):
+            return
+        for d in dirs:
+            if (Path(root) / d).exists():
+                return
+        for f in files:
+            with contextlib.suppress(OSError):
+                (Path(root) / f).unlink()
+        with contextlib.suppress(OSError):
+            Path(root).rmdir()
 
 
 if __name__ == "__main__":

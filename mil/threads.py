@@ -1,0 +1,74 @@
+"""How many CPU threads a command uses: chosen from the cores it is given, never inherited by accident.
+
+Order: `--threads N` on the command line, then `MIL_THREADS`, then `OMP_NUM_THREADS`, then the cores this process
+may run on (its CPU affinity, which a scheduler or `taskset` sets; not the machine's total). 0 means "the cores this
+process may run on". The choice sets torch's intra-op threads (one inter-op thread: the stages run one model at a
+time) and is what data loaders read to size their workers (`loader_workers`), so threads x workers never exceeds it.
+
+On a machine shared with other jobs, one thread per process is often fastest (see experiments/bench_extract.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+_chosen: int | None = None
+
+
+def available_cores() -> int:
+    """The cores this process may run on (affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _from_env() -> int | None:
+    for name in ("MIL_THREADS", "OMP_NUM_THREADS"):
+        raw = os.environ.get(name, "").strip()
+        if raw:
+            try:
+                value = int(raw)
+            except ValueError:
+                continue
+            if value >= 0:
+                return value
+    return None
+
+
+def resolve(requested: int | None = None) -> int:
+    """The thread count a command should use (see the module docstring for the order)."""
+    value = requested if requested is not None else _from_env()
+    if value is None or value == 0:
+        return available_cores()
+    if value < 0:
+        raise ValueError(f"--threads {value}: use a positive number, or 0 for every core this process may use")
+    return value
+
+
+def apply(requested: int | None = None) -> int:
+    """Set torch's threads for this process and remember the choice; returns the count."""
+    global _chosen
+    import torch
+
+    n = resolve(requested)
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # set once per process, before parallel work starts
+        torch.set_num_interop_threads(1)
+    _chosen = n
+    return n
+
+
+def chosen() -> int:
+    """The count set by `apply` (or what it would choose now)."""
+    return _chosen if _chosen is not None else resolve()
+
+
+def loader_workers(requested: int | None = None) -> int:
+    """Data-loader workers for a training loop: `requested` if given, else 0 (in-process) when one thread is
+    chosen, else one worker per spare core beyond the torch threads, at most 4."""
+    if requested is not None and requested >= 0:
+        return requested
+    spare = available_cores() - chosen()
+    return max(0, min(4, spare))
