@@ -2,7 +2,6 @@
 
 import torch
 
-
 from mil import cli, threads
 
 
