@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from limits import HANG_GUARD_S
 from PIL import Image
 from test_classifier import write_cohort
 
@@ -86,7 +87,7 @@ def test_training_killed_mid_run_resumes_to_the_same_weights(tmp_path):
     # The uninterrupted reference trains here meanwhile (same seed, one thread): one interpreter start-up less.
     reference = train_classifier(cells, out_dir=tmp_path / "clean", config=tiny_config(), split=SPLIT)
     last = tmp_path / "killed" / "run" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + HANG_GUARD_S  # a hang guard: the loop ends when the child does
     while victim.poll() is None and time.monotonic() < deadline:
         if last.exists() and torch.load(last, weights_only=True)["epoch"] >= 2:
             victim.send_signal(signal.SIGKILL)  # a real kill, inside epoch 3 or later
@@ -97,7 +98,7 @@ def test_training_killed_mid_run_resumes_to_the_same_weights(tmp_path):
     assert not (tmp_path / "killed" / "run" / "finished.json").exists()
     killed_at = torch.load(last, weights_only=True)["epoch"]
     assert killed_at < EPOCHS - 1
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, timeout=HANG_GUARD_S)
     for name in ("last.ckpt", "best.ckpt"):
         a = torch.load(tmp_path / "clean" / "run" / "checkpoints" / name, weights_only=True)
         b = torch.load(tmp_path / "killed" / "run" / "checkpoints" / name, weights_only=True)
@@ -161,7 +162,7 @@ def test_promise2_training_killed_inside_the_first_epoch_resumes_to_the_same_wei
     assert held == ["HELD", "0", "1"], held
     last = torch.load(tmp_path / "killed" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 0 and last["global_step"] == 1  # one batch of the first epoch, kept
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, timeout=HANG_GUARD_S)
     _assert_same_weights(
         torch.load(reference.checkpoint, weights_only=True)["state_dict"],
         torch.load(tmp_path / "killed" / "classifier.pt", weights_only=True)["state_dict"],
@@ -246,7 +247,7 @@ def test_two_cpu_processes_agree_on_the_best_epoch(tmp_path):
     script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests")))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert done.returncode == 0, done.stderr[-2000:]
     results = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from limits import HANG_GUARD_S
 
 from mil.errors import ConfigError, InputError
 from mil.heads.data import BagDataset, BagRecord, LengthBucketSampler, pad_collate
@@ -237,7 +238,7 @@ def test_training_killed_mid_run_resumes_to_the_same_weights(tmp_path):
     np.save(clean / "probs.npy", reference.probs)
     victim = subprocess.Popen([sys.executable, str(script), str(killed)], env=_env())
     last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + HANG_GUARD_S  # a hang guard: the loop ends when the child does
     while victim.poll() is None and time.monotonic() < deadline:
         if last.exists() and torch.load(last, weights_only=True)["epoch"] >= 3:
             victim.send_signal(signal.SIGKILL)  # a real kill, somewhere inside epoch 4 or later
@@ -246,7 +247,7 @@ def test_training_killed_mid_run_resumes_to_the_same_weights(tmp_path):
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL, "the training finished before it could be killed"
     assert not (killed / "finished.json").exists()
-    subprocess.run([sys.executable, str(script), str(killed)], check=True, env=_env(), timeout=300)
+    subprocess.run([sys.executable, str(script), str(killed)], check=True, env=_env(), timeout=HANG_GUARD_S)
     for name in ("last.ckpt", "best.ckpt"):
         a = torch.load(clean / "checkpoints" / name, weights_only=True)
         b = torch.load(killed / "checkpoints" / name, weights_only=True)
@@ -260,7 +261,7 @@ def test_training_killed_mid_run_resumes_to_the_same_weights(tmp_path):
 def test_ddp_with_two_cpu_processes(tmp_path):
     script = _script(tmp_path, epochs=2, devices=2, head="abmil")
     out = tmp_path / "ddp"
-    subprocess.run([sys.executable, str(script), str(out)], check=True, env=_env(), timeout=120)
+    subprocess.run([sys.executable, str(script), str(out)], check=True, env=_env(), timeout=HANG_GUARD_S)
     probs = np.load(out / "probs.npy")
     assert probs.shape == (4, 3) and np.isfinite(probs).all()
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from limits import HANG_GUARD_S
 from test_compare import compare, write_cohort
 from test_extract import assert_same_bags, extract, make_cohort
 
@@ -157,7 +158,7 @@ def test_promise8_two_real_extract_processes_into_one_folder(tmp_path, sizes):
                          stderr=subprocess.PIPE, text=True)
         for s in sizes
     ]  # fmt: skip
-    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    results = [(p.wait(timeout=HANG_GUARD_S), *p.communicate()) for p in procs]
     for code, _, err in results:
         assert code in (0, 2), err
         assert "Traceback" not in err and "Error:" not in err.replace("error: output folder", "")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from limits import HANG_GUARD_S
 from test_demo import TINY
 from test_extract import make_cohort
 
@@ -61,7 +62,7 @@ def test_promise9_a_signalled_extract_exits_nonzero_and_leaves_no_temp_files(tmp
     else:
         proc.send_signal(signum)
     log += proc.stderr.read().splitlines(keepends=True)
-    assert proc.wait(timeout=600) == EXIT[signum], "".join(log)
+    assert proc.wait(timeout=HANG_GUARD_S) == EXIT[signum], "".join(log)
     assert f"stopped by {signum.name}" in "".join(log)
     assert "Traceback" not in "".join(log)  # nor "Exception ignored" from dying loader workers
     assert _temp_files(out) == []
@@ -70,7 +71,7 @@ def test_promise9_a_signalled_extract_exits_nonzero_and_leaves_no_temp_files(tmp
     assert all(validate_bag(path) == [] for path in finished)
     stamps = {path: path.stat().st_mtime_ns for path in finished}
     # Nothing that was finished is lost: the rerun computes only the rest.
-    rerun = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert rerun.returncode == 0, rerun.stderr
     assert len(list(out.glob("*.h5"))) == 40
     assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
@@ -97,7 +98,7 @@ def _run_self_signalled(tmp_path: Path, args: list[str]) -> subprocess.Completed
     script = tmp_path / "self_signal.py"
     script.write_text(SELF_SIGNAL)
     return subprocess.run(
-        [sys.executable, str(script), *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S
     )
 
 
