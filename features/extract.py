@@ -47,6 +47,7 @@ from features.bags import (
 )
 from features.cropping import FieldCrops, ImageJob, keep_item, worker_init
 from features.integrity import NOT_A_BAG
+from mil import threads
 from mil.atomic import atomic_write_text
 from mil.cell_table import CellTable, read_cell_table, unsafe_patient_id_reason
 from mil.errors import ConfigError, InputError, listing
@@ -155,7 +156,7 @@ def label_classes(
 
 def choose_workers(device: str) -> int:
     """On a small CPU box the encoder needs every core, so crops are made in the main process."""
-    cpus = os.cpu_count() or 1
+    cpus = threads.available_cores()  # the process's share (affinity), not the machine's total
     if device.startswith("cuda"):
         return max(1, min(16, cpus - 1))
     return 0 if cpus <= 4 else min(4, cpus // 4)

@@ -164,7 +164,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
             type=int,
             default=None,
             help="CPU threads for torch (0 = every core this process may use; default: $MIL_THREADS, else "
-            f"$OMP_NUM_THREADS, else the cores this process may use, {threads.available_cores()} here)",
+            f"$OMP_NUM_THREADS, else the idle ones of the {threads.available_cores()} cores this process may use)",
         )
     return parser
 

@@ -1,9 +1,12 @@
 """How many CPU threads a command uses: chosen from the cores it is given, never inherited by accident.
 
-Order: `--threads N` on the command line, then `MIL_THREADS`, then `OMP_NUM_THREADS`, then the cores this process
-may run on (its CPU affinity, which a scheduler or `taskset` sets; not the machine's total). 0 means "the cores this
-process may run on". The choice sets torch's intra-op threads (one inter-op thread: the stages run one model at a
-time) and is what data loaders read to size their workers (`loader_workers`), so threads x workers never exceeds it.
+Order: `--threads N` on the command line, then `MIL_THREADS`, then `OMP_NUM_THREADS`, then **auto**: the cores this
+process may run on (its CPU affinity, which a scheduler or `taskset` sets; not the machine's total) that are idle
+when the command starts, measured over 0.2 s from /proc/stat, at least 1. On an idle 2-core machine auto gives 2;
+beside one busy job, 1. `0` means every core this process may use, busy or not.
+
+The choice sets torch's intra-op threads (one inter-op thread: the stages run one model at a time) and is what
+data loaders read to size their workers (`loader_workers`), so threads x workers never exceeds it.
 
 On a machine shared with other jobs, one thread per process is often fastest (see experiments/bench_extract.py).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 _chosen: int | None = None
 
@@ -37,10 +41,39 @@ def _from_env() -> int | None:
     return None
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return idle, sum(fields[:8])
+
+
+def idle_cores(sample_s: float = 0.2) -> int:
+    """Cores of this process's share that are idle now: the machine's idle fraction over `sample_s` seconds times
+    the cores this process may use, rounded, at least 1 (all of them where /proc/stat is unavailable)."""
+    cores = available_cores()
+    before = _cpu_times()
+    if before is None:
+        return cores
+    time.sleep(sample_s)
+    after = _cpu_times()
+    total = after[1] - before[1] if after else 0
+    if not after or total <= 0:
+        return cores
+    idle_fraction = (after[0] - before[0]) / total
+    return max(1, min(cores, int(idle_fraction * cores + 0.5)))
+
+
 def resolve(requested: int | None = None) -> int:
     """The thread count a command should use (see the module docstring for the order)."""
     value = requested if requested is not None else _from_env()
-    if value is None or value == 0:
+    if value is None:
+        return idle_cores()
+    if value == 0:
         return available_cores()
     if value < 0:
         raise ValueError(f"--threads {value}: use a positive number, or 0 for every core this process may use")
@@ -61,8 +94,12 @@ def apply(requested: int | None = None) -> int:
 
 
 def chosen() -> int:
-    """The count set by `apply` (or what it would choose now)."""
-    return _chosen if _chosen is not None else resolve()
+    """The count set by `apply`, else torch's current count."""
+    if _chosen is not None:
+        return _chosen
+    import torch
+
+    return torch.get_num_threads()
 
 
 def loader_workers(requested: int | None = None) -> int:

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One torch thread per test process (set before torch is imported; subprocesses inherit it): `-n 2` then fills the
+# two cores without oversubscribing them, and the suite behaves the same on a busy machine (issue 13, item 7).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 

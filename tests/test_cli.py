@@ -16,13 +16,25 @@ def test_every_command_takes_threads_and_shows_defaults():
 def test_threads_order_is_flag_then_env_then_affinity(monkeypatch):
     monkeypatch.delenv("MIL_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert threads.resolve() == threads.available_cores()
+    assert 1 <= threads.resolve() <= threads.available_cores()
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.resolve() == 3
     monkeypatch.setenv("MIL_THREADS", "1")
     assert threads.resolve() == 1
     assert threads.resolve(2) == 2
     assert threads.resolve(0) == threads.available_cores()
+
+
+def test_auto_counts_only_idle_cores(monkeypatch):
+    samples = iter([(100, 1000), (150, 1200)])  # 50 of 200 jiffies idle: a quarter of the machine is free
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    assert threads.idle_cores() == 1
+    samples = iter([(0, 0), (0, 100)])  # every core busy: still one thread
+    assert threads.idle_cores() == 1
+    samples = iter([(0, 0), (100, 100)])
+    assert threads.idle_cores() == 4
     before = torch.get_num_threads()
     try:
         assert threads.apply(1) == 1 and torch.get_num_threads() == 1
