@@ -177,6 +177,82 @@ def bench_extract(args, work: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def _burn(stop) -> None:
+    """A CPU-bound busy loop until `stop` is set: the other job of a shared machine."""
+    x = 0
+    while not stop.is_set():
+        for _ in range(100_000):
+            x += 1
+
+
+def bench_threads(args, work: Path) -> list[tuple[str, str]]:
+    """`mil extract` cells/s with the default thread choice (mil.threads auto), 1 thread and every core, on the
+    idle machine and beside `--burn` CPU-bound processes; the settings alternate inside each repeat."""
+    import multiprocessing as mp
+
+    import torch
+
+    from features.extract import ExtractConfig, run_extract
+    from features.registry import create_encoder
+    from mil import threads
+
+    cells = make_fields(
+        work / "tcohort",
+        patients=args.patients,
+        cells=args.cells,
+        per_field=args.per_field,
+        side=args.field_side,
+        fmt=args.format,
+        seed=2,
+    )
+    encoder = create_encoder(args.encoder, input_size=args.input_size)
+    cores = threads.available_cores()
+    rows = []
+    for burners in sorted({0, args.burn}):
+        stop = mp.Event()
+        procs = [mp.Process(target=_burn, args=(stop,), daemon=True) for _ in range(burners)]
+        for p in procs:
+            p.start()
+        time.sleep(1.0 if burners else 0.0)  # let the burners take their cores before auto looks
+        try:
+            auto = threads.resolve(None) if not os.environ.get("MIL_THREADS") else threads.resolve()
+            settings = {f"default (auto: {auto})": auto, "1 thread": 1, f"all cores ({cores})": cores}
+            rates: dict[str, list[float]] = {name: [] for name in settings}
+            for rep in range(args.repeats):
+                for name, n in settings.items():
+                    torch.set_num_threads(n)
+                    out = work / f"t{burners}_{rep}_{n}_{len(rates[name])}"
+                    config = ExtractConfig(
+                        cells=cells,
+                        encoder=args.encoder,
+                        out=out,
+                        input_size=args.input_size,
+                        batch_size=args.batch_size,
+                        workers=0,
+                        device="cpu",
+                        progress=False,
+                    )
+                    start = time.perf_counter()
+                    report = run_extract(config, log=lambda m: None, encoder=encoder)
+                    rates[name].append(report.cells_embedded / (time.perf_counter() - start))
+                    shutil.rmtree(out, ignore_errors=True)
+        finally:
+            stop.set()
+            for p in procs:
+                p.join()
+        base = statistics.median(rates["1 thread"])
+        load = f"load average {os.getloadavg()[0]:.1f}"
+        where = (
+            f"no added load ({load})"
+            if not burners
+            else f"+{burners} CPU-bound process{'es' if burners > 1 else ''} ({load})"
+        )
+        for name, values in rates.items():
+            m = statistics.median(values)
+            rows.append((f"threads, {where}: {name}", f"{m:,.0f} cells/s ({m / base:.2f} of 1 thread)"))
+    return rows
+
+
 def cpu_seconds() -> float:
     """CPU time of this process and its finished children (DataLoader workers), user + system."""
     import resource
@@ -299,11 +375,17 @@ def main() -> None:
     parser.add_argument("--skip-read", action="store_true")
     parser.add_argument("--skip-stain-norm", action="store_true", help="leave out the --stain-norm reinhard runs")
     parser.add_argument("--skip-extract", action="store_true", help="only the bag reads")
+    parser.add_argument("--threads-sweep", action="store_true", help="only the thread rows: auto vs 1 vs all cores")
+    parser.add_argument("--burn", type=int, default=1, help="CPU-bound processes beside the loaded thread rows")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp folder)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_extract_", dir=args.workdir))
     try:
-        rows = [] if args.skip_extract else bench_extract(args, work)
+        if args.threads_sweep:
+            rows = bench_threads(args, work)
+            args.skip_read = True
+        else:
+            rows = [] if args.skip_extract else bench_extract(args, work)
         if not args.skip_read:
             rows += bench_read(args, work)
     finally:
