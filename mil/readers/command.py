@@ -50,7 +50,10 @@ def _formats_help() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.epilog = _formats_help()
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    from mil.cli import DefaultsShown
+
+    # the description's line breaks kept, and every default shown like in every other command
+    parser.formatter_class = type("CellsHelp", (DefaultsShown, argparse.RawDescriptionHelpFormatter), {})
     formats = list_readers() + list(unavailable_readers())
     parser.add_argument("--format", required=True, choices=sorted(formats), help="input format (see below)")
     parser.add_argument("--input", required=True, type=Path, help="dataset root folder (or annotation file)")
