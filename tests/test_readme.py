@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,9 +127,11 @@ def run_blocks(blocks: list[Block], workdir: Path, where: str = "README.md") -> 
             script = workdir / f".block{k}.py"
             script.write_text(block.code)
             command = [sys.executable, str(script)]
+        start = time.perf_counter()
         done = subprocess.run(
             command, cwd=workdir, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S, check=False
         )
+        print(f"{where}:{block.line} {block.language}: {time.perf_counter() - start:.0f} s")  # shown with -s
         ran.append(f"{where}:{block.line}")
         if done.returncode != 0:
             output = (done.stdout + done.stderr)[-4000:]
