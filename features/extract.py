@@ -72,6 +72,7 @@ class ExtractConfig:
     progress: bool | None = None  # False: silent; else mil.progress (a bar on a terminal, plain lines in a log)
     stain_norm: str | None = None  # None: off; "reinhard": each field matched to stain_reference (features/stain.py)
     stain_reference: Path | None = None
+    verbose: bool = False  # one line per bag written (new ones too), for a log that records every patient
 
 
 @dataclass
@@ -435,7 +436,7 @@ def _run_extract(config: ExtractConfig, *, log, encoder, held: contextlib.ExitSt
         bags_done[0] += 1
         bar.update(0, postfix=f"{bags_done[0]}/{len(work)} bags")
         note = f", {len(w.skipped)} cell(s) skipped" if w.skipped else ""
-        if report.reasons[w.patient_id] != "missing" or note:  # a new bag is counted by the progress line only
+        if config.verbose or report.reasons[w.patient_id] != "missing" or note:  # else the progress line counts it
             why = "new bag" if report.reasons[w.patient_id] == "missing" else f"was {report.reasons[w.patient_id]}"
             log(f"bag {w.patient_id} written: {len(idx)} cells ({why}{note})")
 

@@ -271,6 +271,8 @@ class _EpochLine:
         for name in self.metrics:
             if name in values:
                 with contextlib.suppress(TypeError, ValueError):
+                    if float(values[name]) != float(values[name]):
+                        continue  # NaN: not defined this epoch (e.g. AUROC of a one-class validation split)
                     parts.append(f"{name.replace('_', '-')} {float(values[name]):.4f}")  # val-loss, not a 2nd "loss"
         parts.append(duration(seconds))
         left = (trainer.max_epochs or 0) - (epoch + 1)

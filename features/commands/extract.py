@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stain-reference", type=Path, default=None, help="reference field image for --stain-norm reinhard"
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="one line per bag written; without it only recomputed bags and skipped cells get a line (progress "
+        "counts the rest)",
+    )
     bar = parser.add_mutually_exclusive_group()
     bar.add_argument(
         "--progress",
@@ -66,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
         stain_norm=None if args.stain_norm == "none" else args.stain_norm,
         stain_reference=args.stain_reference,
+        verbose=args.verbose,
     )
     report = run_extract(config)
     skipped = sum(len(v) for v in report.skipped_cells.values())

@@ -207,6 +207,10 @@ def _loggers(config: TrainConfig, log_dir: Path) -> list:
     return loggers
 
 
+def _epoch_values(trainer, module: HeadModule) -> dict:
+    return dict(module.history[-1]) if module.history else {}
+
+
 def _train(
     module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: Path | None, has_val: bool, desc: str
 ) -> None:
@@ -218,7 +222,8 @@ def _train(
     mode = "min" if config.monitor == "val_loss" else "max"
     # One line per epoch (at most one per MIL_PROGRESS_SECONDS: a comparison trains many short runs), the last
     # epoch always; HeadModule logs its validation metrics in its own epoch-end hook, hence after_module.
-    callbacks = [EpochLine(desc, after_module=True, min_seconds=interval())]
+    # Values from the module's own history: its logged val_auroc is 0.0 where AUROC is undefined, the history's NaN.
+    callbacks = [EpochLine(desc, after_module=True, min_seconds=interval(), read=_epoch_values)]
     if has_val:
         callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
     # last.ckpt every LAST_EVERY_SECONDS and at the end, best.ckpt with it (see mil.checkpointing: resume is exact).
