@@ -53,6 +53,7 @@ from mil.cell_table import CellTable, read_cell_table, unsafe_patient_id_reason
 from mil.errors import ConfigError, InputError, listing
 from mil.labels import DEFAULT_LABEL_MAP, DROP, identity_label_map, load_label_map
 from mil.locks import OutputLock, output_lock
+from mil.progress import Progress
 
 
 @dataclass
@@ -69,9 +70,10 @@ class ExtractConfig:
     dtype: str = "float32"
     context: float = 0.0  # box margin, as a fraction of the box size on each side
     label_map: Path | None = None
-    progress: bool | None = None  # None: a bar only on a terminal
+    progress: bool | None = None  # False: silent; else mil.progress (a bar on a terminal, plain lines in a log)
     stain_norm: str | None = None  # None: off; "reinhard": each field matched to stain_reference (features/stain.py)
     stain_reference: Path | None = None
+    verbose: bool = False  # one line per bag written (new ones too), for a log that records every patient
 
 
 @dataclass
@@ -341,9 +343,12 @@ def _run_extract(config: ExtractConfig, *, log, encoder, held: contextlib.ExitSt
         paths, patient_jobs = _image_jobs(len(work), rows)
         work.append(_PatientWork(patient_id=pid, rows=rows, image_paths=paths, images_left=len(patient_jobs)))
         jobs.extend(patient_jobs)
+    why = Counter("new" if r == "missing" else r for r in report.reasons.values())
+    todo = f"{len(work)} to compute" + (f" ({', '.join(f'{n} {r}' for r, n in why.items())})" if why else "")
     log(
-        f"extract {config.encoder} -> {out}: {len(patients)} patient(s) in shard {config.shard[0]}/{config.shard[1]}, "
-        f"{len(report.up_to_date)} up to date, {len(work)} to compute"
+        f"extract {config.encoder} -> {out}: {len(patients)} patient(s)"
+        + (f" in shard {config.shard[0]}/{config.shard[1]}" if config.shard[1] > 1 else "")
+        + f", {len(report.up_to_date)} up to date, {todo}"
     )
 
     embed = _Embedder(encoder, resolve_device(config.device))
@@ -366,10 +371,10 @@ def _run_extract(config: ExtractConfig, *, log, encoder, held: contextlib.ExitSt
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    from tqdm import tqdm
-
     total = sum(len(w.rows) for w in work)
-    bar = tqdm(total=total, unit="cell", disable=(not config.progress) if config.progress is not None else None)
+    # A bar on a terminal, a plain "extract: 1200/5160 cells, 84.1 cells/s, ETA 47 s" line every 10 s in a log.
+    bar = Progress(total, "extract", "cells", enabled=config.progress is not False)
+    bags_done = [0]
 
     def run_batches(w: _PatientWork, flush: bool) -> None:
         n_pending = sum(len(r) for r in w.pending_rows)
@@ -429,8 +434,12 @@ def _run_extract(config: ExtractConfig, *, log, encoder, held: contextlib.ExitSt
             log(f"FAILED {e}")
             return
         report.done.append(w.patient_id)
+        bags_done[0] += 1
+        bar.update(0, postfix=f"{bags_done[0]}/{len(work)} bags")
         note = f", {len(w.skipped)} cell(s) skipped" if w.skipped else ""
-        log(f"done {w.patient_id}: {len(idx)} cells ({report.reasons[w.patient_id]}{note})")
+        if config.verbose or report.reasons[w.patient_id] != "missing" or note:  # else the progress line counts it
+            why = "new bag" if report.reasons[w.patient_id] == "missing" else f"was {report.reasons[w.patient_id]}"
+            log(f"bag {w.patient_id} written: {len(idx)} cells ({why}{note})")
 
     for item in loader:
         job = jobs[item["job"]]

@@ -18,6 +18,7 @@ import numpy as np
 
 from mil.atomic import atomic_path
 from mil.errors import InputError, listing
+from mil.progress import track
 
 CELL_COLUMNS = (
     "cell_id",
@@ -290,9 +291,20 @@ def read_patient_table(path: str | Path, validate: bool = True) -> PatientTable:
     return table
 
 
+# What to do about a patient table without diagnoses (detection and crop datasets carry none): one sentence, shared
+# by `mil cells` (a warning at once) and every command that needs the diagnoses (an error).
+NO_DIAGNOSIS_FIX = (
+    "Give each patient a diagnosis: for coco, yolo, voc and imagefolder data rerun `mil cells` with --patients-csv "
+    "CSV (columns image,patient_id,diagnosis; one row per image, several images per patient), otherwise add a "
+    "diagnosis column to the patient table."
+)
+
+
 def validate_patient_table(table: PatientTable, where: str = "patient table", require_diagnosis: bool = True) -> None:
     """Duplicate ids, unsafe ids and patients without diagnosis: all listed in one error."""
     problems, seen = [], {}
+    if require_diagnosis and table.rows and not any((r.get("diagnosis") or "").strip() for r in table.rows):
+        raise InputError(f"none of the {len(table.rows)} patients in {where} has a diagnosis. {NO_DIAGNOSIS_FIX}")
     for i, r in enumerate(table.rows):
         pid = r.get("patient_id", "")
         row = f"{where} row {i + 2}"
@@ -321,7 +333,7 @@ def validate_cell_table(
     seen_ids: dict[str, int] = {}
     bad_ids: set[str] = set()
     known = patients.by_id() if patients is not None else None
-    for i, r in enumerate(cells.rows):
+    for i, r in enumerate(track(cells.rows, "check cells and images", "cells")):
         row = f"{where} row {i + 2} (patient {r['patient_id']!r}, {Path(r['image_path']).name})"
         pid = r["patient_id"]
         reason = unsafe_patient_id_reason(pid)

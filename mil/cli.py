@@ -145,7 +145,8 @@ class DefaultsShown(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS  # 0 shows
+        if "default" in text or hidden or not action.option_strings:
             return text
         if action.nargs == 0:  # store_true / store_false flags
             return text

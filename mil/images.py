@@ -57,18 +57,22 @@ def load_rgb(path: str | Path) -> np.ndarray:
 
 
 def image_to_rgb8(im, name: str, *, bits: int | None = None) -> np.ndarray:
-    """A decoded PIL image as uint8 (H, W, 3) RGB; ``name`` says which image in an error."""
+    """A decoded PIL image as uint8 (H, W, 3) RGB; ``name`` says which image in an error.
+
+    Always an array of its own (``np.array``, not ``np.asarray``): Pillow's buffer is read-only, and a crop that
+    spans the whole image (a crop dataset) would reach ``torch.from_numpy`` read-only, which warns on every run.
+    """
     mode = im.mode
     if mode == "RGB":
-        return np.asarray(im)
+        return np.array(im)
     if mode == "CMYK":
-        return np.asarray(_cmyk_to_rgb(im))
+        return np.array(_cmyk_to_rgb(im))
     if mode in PLAIN:
-        return np.asarray(im.convert("RGB"))
+        return np.array(im.convert("RGB"))
     if mode in ALPHA or (mode == "P" and "transparency" in im.info):
         return _over_white(np.asarray(im.convert("RGBA")))
     if mode == "P":
-        return np.asarray(im.convert("RGB"))
+        return np.array(im.convert("RGB"))
     if mode in INTEGER or mode == "F":
         return array_to_rgb8(np.asarray(im), name, bits=bits)
     raise ImageModeError(f"{name} has pixel mode {mode!r}, which cannot be read as RGB faithfully; save it as RGB")

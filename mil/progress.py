@@ -9,6 +9,9 @@ Training loops (classifier, detector, heads, pretraining) use `EpochLine`, a Lig
 line per epoch with the loss, the validation metric, the seconds and the ETA of the run, plus the same timed
 heartbeat inside a long epoch. `MIL_PROGRESS=0` silences both (tests that read stdout), `MIL_PROGRESS=bar` /
 `plain` forces a style. Everything goes to stderr: stdout keeps the results a user may pipe.
+
+Importing this module is cheap (no torch, no Lightning): `EpochLine` is built on first use, so `mil synth`,
+`mil cells` and `mil verify` can show progress without paying for Lightning's import.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
-
-import lightning as L
 
 DEFAULT_SECONDS = 10.0
 
@@ -55,9 +56,18 @@ def duration(seconds: float) -> str:
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
+_OPEN_BARS = [0]  # tqdm bars open now: a line printed meanwhile must go through tqdm.write, not across a bar
+
+
 def say(message: str) -> None:
     """One line on stderr unless progress is off: the plain voice of long stages."""
-    if style() != "off":
+    if style() == "off":
+        return
+    if _OPEN_BARS[0]:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    else:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -78,8 +88,10 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
+            _OPEN_BARS[0] += 1
 
-    def update(self, n: int = 1, postfix: str | None = None) -> None:
+    def update(self, n: int = 1, postfix: str | None = None, timed_line: bool = True) -> None:
+        """Add `n` done; `timed_line=False` for a caller that says its own lines (`announce`) in a log."""
         self.done += n
         if postfix is not None:
             self.postfix = postfix
@@ -87,7 +99,7 @@ class Progress:
             if postfix is not None:
                 self._bar.set_postfix_str(postfix, refresh=False)
             self._bar.update(n)
-        elif self.mode == "plain" and time.perf_counter() - self._last >= interval():
+        elif self.mode == "plain" and timed_line and time.perf_counter() - self._last >= interval():
             self._last = time.perf_counter()
             say(self.line())
 
@@ -102,10 +114,34 @@ class Progress:
             text += f", {duration(elapsed)}"
         return text + (f", {self.postfix}" if self.postfix else "")
 
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far (None before any work or without a total)."""
+        elapsed = time.perf_counter() - self.start
+        if self.total is None or self.done <= 0 or elapsed <= 0:
+            return None
+        return (self.total - self.done) * elapsed / self.done
+
+    def announce(self, what: str, eta: float | None = None, always: bool = True) -> None:
+        """Say what comes next, with the count and ETA, on every call (not timed): for few, long steps such as
+        the fits of `mil compare`: "compare: seed 0 fold 2/5 abmil (7/30 fits, ETA 3 min 10 s)". `eta` overrides
+        the estimate from the rate so far (a caller that knows the steps differ in cost). `always=False`: only
+        when the last line is older than the interval (quick steps between long ones)."""
+        if self.mode == "off" or (not always and time.perf_counter() - self._last < interval()):
+            return
+        eta = self.eta() if eta is None else eta
+        of = f"/{self.total}" if self.total is not None else ""
+        left = f", ETA {duration(eta)}" if eta is not None else ""
+        if self._bar is not None:
+            self._bar.set_postfix_str(what, refresh=True)
+        else:
+            say(f"{self.desc}: {what} ({self.done + 1}{of} {self.unit}{left})")
+            self._last = time.perf_counter()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+            _OPEN_BARS[0] -= 1
 
     def __enter__(self) -> Progress:
         return self
@@ -135,11 +171,25 @@ def _metric(metrics: dict, names: tuple[str, ...]) -> tuple[str, float] | None:
     return None
 
 
-class EpochLine(L.Callback):
+def __getattr__(name: str):
+    # EpochLine is a Lightning callback; Lightning (and torch) are imported only when a training loop asks for it.
+    if name == "EpochLine":
+        import lightning as L
+
+        cls = type("EpochLine", (_EpochLine, L.Callback), {"__module__": __name__, "__doc__": _EpochLine.__doc__})
+        globals()["EpochLine"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _EpochLine:
     """One line per training epoch (loss, validation metric, seconds, ETA) and a heartbeat inside long epochs.
 
     `loss` and `metrics` name the logged values to look for, first found wins; a module that keeps its own sums
-    can pass `read(trainer, module) -> dict` instead.
+    can pass `read(trainer, module) -> dict` instead. `after_module=True`: the module logs its metrics in its own
+    `on_train_epoch_end` (which Lightning calls after this callback's), so the line waits for the next epoch's
+    start or the end of training. `min_seconds`: at most one line per that many seconds (the last epoch always
+    gets its line), for runs of many short epochs such as the fits of `mil compare`.
     """
 
     def __init__(
@@ -149,10 +199,15 @@ class EpochLine(L.Callback):
         metrics: tuple[str, ...] = ("val_macro_f1", "val_auroc", "val_map", "val_loss"),
         read=None,
         enabled: bool = True,
+        after_module: bool = False,
+        min_seconds: float = 0.0,
     ) -> None:
         self.desc, self.loss, self.metrics, self.read = desc, loss, metrics, read
         self.enabled = enabled and style() != "off"
+        self.after_module, self.min_seconds = after_module, min_seconds
         self.run_start = self.epoch_start = self._last = time.perf_counter()
+        self._said = float("-inf")
+        self._pending: int | None = None  # the epoch whose line waits for the module's metrics (after_module)
         self.epochs_timed: list[float] = []
         self._bar: Progress | None = None
 
@@ -160,8 +215,9 @@ class EpochLine(L.Callback):
         self.run_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, module) -> None:
+        self._flush(trainer, module, final=False)
         self.epoch_start = self._last = time.perf_counter()
-        if self.enabled:
+        if self.enabled and trainer.is_global_zero:  # one voice under DDP
             total = trainer.num_training_batches
             total = int(total) if isinstance(total, int | float) and total != float("inf") else None
             self._bar = Progress(total, f"{self.desc} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", "step")
@@ -180,22 +236,47 @@ class EpochLine(L.Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self.after_module:
+            self._pending = trainer.current_epoch
+            return
         seconds = time.perf_counter() - self.epoch_start
         self.epochs_timed.append(seconds)
-        if not self.enabled:
+        last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0) or trainer.should_stop
+        self._line(trainer, module, trainer.current_epoch, seconds, final=last)
+
+    def on_train_end(self, trainer, module) -> None:
+        self._flush(trainer, module, final=True)
+
+    def _flush(self, trainer, module, final: bool) -> None:
+        if self._pending is None:
             return
+        epoch, self._pending = self._pending, None
+        seconds = time.perf_counter() - self.epoch_start
+        self.epochs_timed.append(seconds)
+        self._line(trainer, module, epoch, seconds, final=final or epoch + 1 >= (trainer.max_epochs or 0))
+
+    def _line(self, trainer, module, epoch: int, seconds: float, final: bool) -> None:
+        if (
+            not self.enabled
+            or not trainer.is_global_zero
+            or (not final and time.perf_counter() - self._said < self.min_seconds)
+        ):
+            return
+        self._said = time.perf_counter()
         values = self._values(trainer, module)
-        parts = [f"{self.desc} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        parts = [f"{self.desc} epoch {epoch + 1}/{trainer.max_epochs}"]
         found = _metric(values, self.loss)
         if found:
             parts.append(f"loss {found[1]:.4f}")
         for name in self.metrics:
             if name in values:
                 with contextlib.suppress(TypeError, ValueError):
-                    parts.append(f"{name.removeprefix('val_').replace('_', '-')} {float(values[name]):.4f}")
+                    if float(values[name]) != float(values[name]):
+                        continue  # NaN: not defined this epoch (e.g. AUROC of a one-class validation split)
+                    parts.append(f"{name.replace('_', '-')} {float(values[name]):.4f}")  # val-loss, not a 2nd "loss"
         parts.append(duration(seconds))
-        left = (trainer.max_epochs or 0) - (trainer.current_epoch + 1)
-        if left > 0 and trainer.max_epochs and trainer.max_epochs > 0:
+        left = (trainer.max_epochs or 0) - (epoch + 1)
+        if left > 0 and trainer.max_epochs and trainer.max_epochs > 0 and not final:
             recent = self.epochs_timed[-3:]
             parts.append(f"ETA {duration(left * sum(recent) / len(recent))}")
         say(", ".join(parts))

@@ -26,7 +26,19 @@ ENCODER = "morphology.handcrafted"  # needs no weights and starts fast; the poin
 
 def _command(cells: Path, out: Path) -> list[str]:
     base = [sys.executable, "-m", "mil.cli", "extract", "--cells", str(cells), "--encoder", ENCODER]
-    return [*base, "--out", str(out), "--input-size", "32", "--workers", "0", "--batch-size", "4", "--no-progress"]
+    return [
+        *base,
+        "--out",
+        str(out),
+        "--input-size",
+        "32",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--verbose",
+    ]
 
 
 def _env() -> dict:
@@ -46,7 +58,7 @@ def _read_until_done_lines(proc: subprocess.Popen, count: int) -> list[float]:
     planned = False
     for line in proc.stderr:
         planned = planned or " to compute" in line
-        if planned and line.startswith("done "):
+        if planned and line.startswith("bag ") and " written: " in line:
             times.append(time.perf_counter())
         if planned and len(times) >= count:
             break

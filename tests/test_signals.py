@@ -43,6 +43,7 @@ def test_promise9_a_signalled_extract_exits_nonzero_and_leaves_no_temp_files(tmp
     out = tmp_path / "bags"
     command = [sys.executable, "-m", "mil.cli", "extract", "--cells", str(cells), "--encoder", "morphology.handcrafted"]
     command += ["--out", str(out), "--input-size", "32", "--workers", workers, "--batch-size", "2", "--no-progress"]
+    command += ["--verbose"]  # a line per bag written: the signal comes after the first
     proc = subprocess.Popen(
         command,
         cwd=REPO,
@@ -55,7 +56,7 @@ def test_promise9_a_signalled_extract_exits_nonzero_and_leaves_no_temp_files(tmp
     log = []
     for line in proc.stderr:  # signalled while it writes: after the first bag of this run is done
         log.append(line)
-        if line.startswith("done "):
+        if line.startswith("bag ") and " written: " in line:
             break
     if group:
         os.killpg(proc.pid, signum)

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, help="local weights file for encoders that need one")
     parser.add_argument("--input-size", type=int, default=None, help="crop side in pixels (default: the encoder's)")
     parser.add_argument("--out", required=True, type=Path, help="bag directory (one encoder per directory)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="crops per encoder forward pass")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: by device and CPUs)")
     parser.add_argument(
         "--shard",
@@ -36,9 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stain-reference", type=Path, default=None, help="reference field image for --stain-norm reinhard"
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="one line per bag written; without it only recomputed bags and skipped cells get a line (progress "
+        "counts the rest)",
+    )
     bar = parser.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
+    bar.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show progress (the default: a bar on a terminal, a plain line every MIL_PROGRESS_SECONDS in a log)",
+    )
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or progress lines")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
         stain_norm=None if args.stain_norm == "none" else args.stain_norm,
         stain_reference=args.stain_reference,
+        verbose=args.verbose,
     )
     report = run_extract(config)
     skipped = sum(len(v) for v in report.skipped_cells.values())

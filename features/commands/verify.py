@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from features.bags import inspect_bag
     from features.integrity import NOT_A_BAG, SCALE_OUTLIER_FACTOR, feature_scale, scale_outliers
     from mil.errors import ConfigError, InputError
+    from mil.progress import track
 
     directory = BagDirectory(args.bags)
     files = directory.files()
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     rows: dict[str, list[str]] = {}
     invalid, strangers, scales = [], [], {}
-    for path in files:
+    for path in track(files, "verify", "bags"):
         bag, problems = inspect_bag(path, full=not args.quick)
         if problems:
             if problems[0].kind == "stranger":

@@ -15,6 +15,7 @@ import yaml
 
 from mil.attention.report import PatientAttention, build_report
 from mil.errors import InputError
+from mil.progress import track
 
 
 def _predictions(results: Path, head: str, seed: int | None) -> dict[str, dict]:
@@ -94,7 +95,7 @@ def load_patients(
     members = _member_rows(results, head)
     bundles: dict = {}
     records = []
-    for pid in sorted(predictions)[: max_patients or None]:
+    for pid in track(sorted(predictions)[: max_patients or None], "attention: read bags", "bags"):
         bag = directory.load(pid)
         attention = np.load(att_dir / f"{pid}.npy")[0]  # first seed: (N,) or (C,N)
         records.append(_record(pid, bag, attention, predictions[pid], extras, classes, members.get(pid, [])))
@@ -143,7 +144,7 @@ def _load_predicted(results: Path, config: dict, head: str, bags, cells, max_pat
         bundle = _runnable_bundle(first)
     records, bundles = [], {}
     member_rows = _member_rows(results, head)
-    for pid in sorted(predictions)[: max_patients or None]:
+    for pid in track(sorted(predictions)[: max_patients or None], "attention: read bags", "bags"):
         attention = np.load(att_dir / f"{pid}.npy").mean(axis=0)  # members averaged: (N,) or (C,N)
         records.append(
             _record(pid, directory.load(pid), attention, predictions[pid], extras, classes, member_rows.get(pid, []))

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from mil.atomic import atomic_write_text
 from mil.attention import figures, html
@@ -20,6 +19,7 @@ from mil.attention.faithfulness import (
     cue_enrichment,
     deletion_curve,
 )
+from mil.progress import track
 
 
 @dataclass
@@ -158,7 +158,7 @@ def build_report(
     cache = figures.FieldCache()
     curves: dict[str, DeletionCurve] = {}
     rows = []
-    for p in tqdm(patients, desc="attention report", unit="patient"):
+    for p in track(patients, "attention report", "patients"):
         curve = None
         if predict is not None and p.features is not None and len(p.boxes) > 1:
             curve = deletion_curve(p.features, p.attention, lambda f, pid=p.patient_id: predict(pid, f), seed=seed)

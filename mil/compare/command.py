@@ -10,13 +10,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bags", required=True, help="bag directory of one encoder (from `mil extract`)")
     parser.add_argument("--patients", required=True, help="patient table CSV (patient_id, diagnosis, ...)")
     parser.add_argument("--out", required=True, help="results folder; its splits.json is reused when present")
-    parser.add_argument("--heads", help="comma-separated heads, e.g. count.logreg,count.rf,count.meta,mean,abmil")
+    parser.add_argument(
+        "--heads",
+        help="comma-separated heads, e.g. count.logreg,count.meta,mean,abmil (`mil heads` lists every attention and "
+        "count head; default: the config's heads)",
+    )
     parser.add_argument("--config", help="YAML config (default configs/compare.yaml); unknown keys are errors")
     parser.add_argument("--folds", type=int, help="outer folds (default 5)")
     parser.add_argument("--seeds", type=int, help="repeats of the k-fold with seeds seed..seed+N-1 (default 3)")
     parser.add_argument("--seed", type=int, help="first seed (default 0)")
     parser.add_argument(
-        "--counts", choices=("truth", "hard", "soft"), help="where count heads' differential comes from"
+        "--counts",
+        choices=("truth", "hard", "soft"),
+        help="where count heads' differential comes from: ground-truth labels, a classifier's argmax or summed "
+        "probabilities (default truth)",
     )
     parser.add_argument("--group-by", help="YAML with `groups:`: count heads see group shares instead of classes")
     parser.add_argument(
@@ -47,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--standardize-by",
         help="attention heads: z-score each bag by its own cells (patient) or by a column's groups (e.g. centre)",
     )
-    parser.add_argument("--max-epochs", type=int, help="attention heads: override train.max_epochs")
+    parser.add_argument("--max-epochs", type=int, help="attention heads: override train.max_epochs (default 30)")
     parser.add_argument("--n-boot", type=int, help="bootstrap replicates (default 1000)")
     parser.add_argument("--conformal-level", type=float, help="level of the conformal prediction sets (default 0.9)")
     parser.add_argument("--devices", type=int, help="attention heads train with Lightning DDP on N devices")

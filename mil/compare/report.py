@@ -184,21 +184,18 @@ def summary_markdown(
     lines += _metric_table(result, per_head)
     if result.internal is not None and internal is not None:
         lines += _side_by_side(result, per_head, internal)
+    lines += ["", f"## Paired test of macro-F1 (a - b, {level}% CI, two-sided bootstrap p)", ""]
+    if paired:
+        lines += ["| a | b | difference | CI | p |", "|---|---|---|---|---|"]
+        for p in paired:
+            mark = " *" if p.lo > 0 or p.hi < 0 else ""
+            lines.append(
+                f"| {p.head_a} | {p.head_b} | {p.diff:+.3f}{mark} | [{p.lo:+.3f}, {p.hi:+.3f}] | {p.p_value:.3f} |"
+            )
+        lines += ["", "`*`: the CI excludes 0."]
+    else:  # an empty table reads as a failed test
+        lines.append("Paired tests need two heads; this comparison has one (add one to `--heads`, e.g. count.meta).")
     lines += [
-        "",
-        f"## Paired test of macro-F1 (a - b, {level}% CI, two-sided bootstrap p)",
-        "",
-        "| a | b | difference | CI | p |",
-        "|---|---|---|---|---|",
-    ]
-    for p in paired:
-        mark = " *" if p.lo > 0 or p.hi < 0 else ""
-        lines.append(
-            f"| {p.head_a} | {p.head_b} | {p.diff:+.3f}{mark} | [{p.lo:+.3f}, {p.hi:+.3f}] | {p.p_value:.3f} |"
-        )
-    lines += [
-        "",
-        "`*`: the CI excludes 0.",
         "",
         "## Sensitivity / specificity per diagnosis",
         "",

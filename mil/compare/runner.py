@@ -33,6 +33,7 @@ from mil.count import (
 from mil.count.differential import check_crossfit, crossfit_folder, trained_patients
 from mil.count.persist import save_count_model
 from mil.errors import ConfigError, InputError, listing, refuse_unknown_keys
+from mil.progress import Progress
 from mil.protocol import Splits, crossfit_plan, load_or_create_external_splits, load_or_create_splits
 from mil.provenance import bag_provenance
 
@@ -299,6 +300,8 @@ def run_compare(
     attention: dict[str, dict[str, list]] = {h: {} for h in heads if kinds[h] == "attention"}
     norm = feature_normaliser(config.standardize_by, loaded, table)
 
+    fits = Progress(len(splits.splits) * len(heads), "compare" if only is None else "compare, internal CV", "fits")
+    fitted = dict.fromkeys(heads, 0)
     for k, fs in enumerate(splits.splits):
         s = splits.seeds.index(fs.seed)
         test_rows = [index[p] for p in fs.test]
@@ -313,7 +316,12 @@ def run_compare(
         if counts is not None and encoder is not None:
             counts = counts.with_covariates(encoder.transform([table[p] for p in counts.patients]))
         scores = []
-        for h in heads:
+        where = "external test" if splits.is_external else f"fold {fs.fold + 1}/{splits.folds}"
+        for j, h in enumerate(heads):
+            left = [heads[i % len(heads)] for i in range(k * len(heads) + j, len(splits.splits) * len(heads))]
+            eta = _eta(left, result.seconds, fitted)
+            # every attention fit is announced, count fits (milliseconds) only the first and then every interval
+            fits.announce(f"seed {fs.seed} {where} {h}", eta=eta, always=kinds[h] != "count" or not fits.done)
             start = time.perf_counter()
             if kinds[h] == "count":
                 head = create_count_head(h, seed=fs.seed, **config.count_heads.get(h, {}))
@@ -345,11 +353,13 @@ def run_compare(
             result.calibrated[h][s, test_rows] = calibrated
             result.trust[h][fs.name] = trust
             result.seconds[h] += time.perf_counter() - start
+            fitted[h] += 1
+            fits.update(1, timed_line=False)
             acc = float((probs.argmax(axis=1) == y_true[test_rows]).mean())
             scores.append(f"{h} {acc:.2f}")
-        where = "external test" if splits.is_external else f"fold {fs.fold + 1}/{splits.folds}"
         log(f"[{k + 1}/{len(splits.splits)}] seed {fs.seed} {where}: test accuracy {', '.join(scores)}")
 
+    fits.close()
     for h, per_patient in attention.items():
         for p, arrays in per_patient.items():
             _save_npy(out / "attention" / h / f"{p}.npy", np.stack(arrays))  # (seeds, N) or (seeds, C, N)
@@ -362,6 +372,16 @@ def run_compare(
             config, bags=bags, patients=patients, out=out / "internal_cv", log=log, only=set(train_cohort)
         )
     return result
+
+
+def _eta(left: list[str], seconds: dict[str, float], fitted: dict[str, int]) -> float | None:
+    """Seconds for the fits `left` (head names, one per fit): each head's mean so far, the mean of all fits for a
+    head not fitted yet; None before the first fit. Count heads take milliseconds, attention heads minutes."""
+    done = sum(fitted.values())
+    if not done:
+        return None
+    overall = sum(seconds.values()) / done
+    return sum(seconds[h] / fitted[h] if fitted[h] else overall for h in left)
 
 
 def _model_meta(config: CompareConfig, fs) -> dict:
@@ -423,6 +443,7 @@ def _fit_attention(name, config, fs, loaded, target, classes, out, norm, encoder
         num_classes=len(classes),
         config=train_config,
         log_dir=out / "logs" / name / fs.name,
+        desc=f"{name} {fs.name}",
     )
     in_dim = int(np.asarray(loaded[fs.train[0]].features).shape[1])
     # calibration on the inner validation patients only (mil.compare.trust); stored so `mil predict` applies it

@@ -207,12 +207,23 @@ def _loggers(config: TrainConfig, log_dir: Path) -> list:
     return loggers
 
 
-def _train(module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: Path | None, has_val: bool) -> None:
+def _epoch_values(trainer, module: HeadModule) -> dict:
+    return dict(module.history[-1]) if module.history else {}
+
+
+def _train(
+    module: HeadModule, config: TrainConfig, log_dir: Path, resume_from: Path | None, has_val: bool, desc: str
+) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
 
+    from mil.progress import EpochLine, interval
+
     mode = "min" if config.monitor == "val_loss" else "max"
-    callbacks = []
+    # One line per epoch (at most one per MIL_PROGRESS_SECONDS: a comparison trains many short runs), the last
+    # epoch always; HeadModule logs its validation metrics in its own epoch-end hook, hence after_module.
+    # Values from the module's own history: its logged val_auroc is 0.0 where AUROC is undefined, the history's NaN.
+    callbacks = [EpochLine(desc, after_module=True, min_seconds=interval(), read=_epoch_values)]
     if has_val:
         callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
     # last.ckpt every LAST_EVERY_SECONDS and at the end, best.ckpt with it (see mil.checkpointing: resume is exact).
@@ -257,12 +268,15 @@ def fit_predict(
     num_classes: int,
     config: TrainConfig | None = None,
     log_dir: str | os.PathLike,
+    desc: str | None = None,
 ) -> HeadResult:
     """Train ``head`` (a registered name or a built head) on ``train``, stop early on ``val``, restore the
-    best checkpoint and predict ``test`` with full bags. The head's input width comes from the bags."""
+    best checkpoint and predict ``test`` with full bags. The head's input width comes from the bags.
+    ``desc`` starts each progress line (default: the head's name)."""
     import lightning as L
 
     config = config or TrainConfig()
+    desc = desc or (head if isinstance(head, str) else type(head).__name__)
     log_dir = Path(log_dir)
     in_dim = check_records(train, num_classes=num_classes, role="training")
     covariates = covariate_width(train, role="training")
@@ -293,7 +307,7 @@ def fit_predict(
         ckpt_dir = log_dir / CHECKPOINT_DIR
         if state != "finished":
             resume_from = ckpt_dir / "last.ckpt" if state == "resume" else None
-            _train(module, run_config, log_dir, resume_from, has_val=bool(val))
+            _train(module, run_config, log_dir, resume_from, has_val=bool(val), desc=desc)
         best = ckpt_dir / ("best.ckpt" if val else "last.ckpt")  # without validation the last epoch is kept
         best_state = load_checkpoint(best, what="head training checkpoint", fix=f"delete {log_dir} to train afresh")
         module.load_state_dict(best_state["state_dict"])

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from mil.errors import ConfigError, InputError, listing
+from mil.progress import Progress, track
 
 ENSEMBLE = "ensemble"
 
@@ -142,7 +143,9 @@ def _count_probs(member: Member, bags: dict, rows: dict[str, dict], order: list[
     return probs, calibrated, FoldTrust.from_dict(record.get("calibration"))
 
 
-def _attention_probs(member: Member, bags: dict, rows: dict[str, dict], order: list[str], normalisers: dict):
+def _attention_probs(
+    member: Member, bags: dict, rows: dict[str, dict], order: list[str], normalisers: dict, bar: Progress
+):
     from mil.compare.normalise import feature_normaliser
     from mil.covariates import CovariateEncoder
     from mil.heads.bundle import load_head_bundle
@@ -159,6 +162,7 @@ def _attention_probs(member: Member, bags: dict, rows: dict[str, dict], order: l
         prob, weights = bundle.predict_with_attention(norm(p), cov)
         probs.append(prob)
         attention[p] = np.asarray(weights, dtype=np.float32)
+        bar.update(1)
     return np.stack(probs), attention, bundle.meta.get("calibration")
 
 
@@ -204,7 +208,7 @@ def run_predict(
         from mil.covariates import check_columns
 
         check_columns(list(next(iter(rows.values()))), covariates, str(patients))
-    loaded = {p: directory.load(p) for p in order}
+    loaded = {p: directory.load(p) for p in track(order, "predict: read bags", "bags")}
     classes = list(config["classes"])
     truth = {p: rows[p]["diagnosis"].strip() for p in order if (rows[p].get("diagnosis") or "").strip()}
     unseen = sorted({dx for dx in truth.values() if dx not in classes})
@@ -215,12 +219,14 @@ def run_predict(
     normalisers: dict = {}
     from mil.compare.trust import FoldTrust
 
+    bar = Progress(len(members) * len(order), "predict", "patient-models")  # one per patient and saved model
     for i, m in enumerate(members):
         result.kinds[m.head] = m.kind
         if m.kind == "count":
             probs, calibrated, trust = _count_probs(m, loaded, rows, order)
+            bar.update(len(order))
         else:
-            probs, attention, record = _attention_probs(m, loaded, rows, order, normalisers)
+            probs, attention, record = _attention_probs(m, loaded, rows, order, normalisers, bar)
             result.attention.setdefault(m.head, {})[m.name] = attention
             trust = FoldTrust.from_dict(record)  # temperature fitted on the fold's validation patients
             calibrated = trust.calibrate(probs)
@@ -228,4 +234,5 @@ def run_predict(
         result.calibrated.setdefault(m.head, {})[m.name] = calibrated
         result.trust.setdefault(m.head, {})[m.name] = trust
         log(f"[{i + 1}/{len(members)}] {m.head} {m.name}: {len(order)} patients")
+    bar.close()
     return result

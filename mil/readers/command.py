@@ -8,7 +8,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from mil.cell_table import CellTable, PatientTable, validate_cell_table, validate_patient_table
+from mil.cell_table import (
+    NO_DIAGNOSIS_FIX,
+    CellTable,
+    PatientTable,
+    validate_cell_table,
+    validate_patient_table,
+)
 from mil.errors import InputError, MilError
 from mil.labels import load_label_map
 from mil.readers.patients import PATIENT_FROM
@@ -44,7 +50,10 @@ def _formats_help() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.epilog = _formats_help()
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    from mil.cli import DefaultsShown
+
+    # the description's line breaks kept, and every default shown like in every other command
+    parser.formatter_class = type("CellsHelp", (DefaultsShown, argparse.RawDescriptionHelpFormatter), {})
     formats = list_readers() + list(unavailable_readers())
     parser.add_argument("--format", required=True, choices=sorted(formats), help="input format (see below)")
     parser.add_argument("--input", required=True, type=Path, help="dataset root folder (or annotation file)")
@@ -143,4 +152,22 @@ def run(args: argparse.Namespace) -> int:
     patients_path = patients.write(args.out / "patients.csv")
     print(summary(cells, patients))
     print(f"wrote {cells_path} and {patients_path}")
+    warning = missing_diagnosis_warning(cells, patients, args)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
+
+
+def missing_diagnosis_warning(cells: CellTable, patients: PatientTable, args: argparse.Namespace) -> str | None:
+    """One line when patients lack a diagnosis, naming the fix: said here, not first at `mil compare`."""
+    blank = [r["patient_id"] for r in patients.rows if not (r.get("diagnosis") or "").strip()]
+    if not blank:
+        return None
+    images = {r["image_path"] for r in cells.rows}
+    per_image = (
+        " (each image became its own patient)"
+        if args.patients_csv is None and len(patients) == len(images) and len(patients) > 1
+        else ""
+    )
+    who = "no patient has" if len(blank) == len(patients) else f"{len(blank)} of {len(patients)} patients have"
+    return f"warning: {who} a diagnosis{per_image}; `mil compare` needs one per patient. {NO_DIAGNOSIS_FIX}"

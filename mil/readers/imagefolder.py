@@ -13,6 +13,7 @@ from pathlib import Path
 from mil.cell_table import CellTable
 from mil.errors import ConfigError, InputError
 from mil.labels import LabelMap
+from mil.progress import track
 from mil.readers.common import (
     IMAGE_EXTENSIONS,
     Problems,
@@ -52,7 +53,7 @@ def read_imagefolder(
         images, input, patient_from=patient_from, patients_csv=patients_csv, problems=problems
     )
     rows, where = [], []
-    for image in images:
+    for image in track(images, "read imagefolder", "images"):
         if image not in assignment:
             continue
         size = image_size(image, str(image), problems)

@@ -15,6 +15,7 @@ from pathlib import Path
 from mil.cell_table import CellTable, PatientTable, unsafe_patient_id_reason
 from mil.errors import ConfigError, InputError
 from mil.labels import LabelMap
+from mil.progress import track
 from mil.readers.common import (
     Problems,
     apply_labels,
@@ -60,7 +61,7 @@ def read_patient_folders(input: Path, *, label_map: LabelMap | None = None, pati
     if not images:
         raise InputError(f"no images under {input}; expected <root>/<patient>/[<cell type>/]<img>")
     rows, where, missing = [], [], {}
-    for image in images:
+    for image in track(images, "read patient-folders", "images"):
         parts = image.relative_to(input).parts
         if len(parts) == 1:
             problems.add(f"{image}: image lies directly in the root; move it into its patient's folder")

@@ -18,6 +18,7 @@ from pathlib import Path
 from mil.cell_table import CellTable
 from mil.errors import ConfigError, InputError
 from mil.labels import LabelMap
+from mil.progress import track
 from mil.readers.common import (
     Problems,
     apply_labels,
@@ -85,7 +86,7 @@ def read_voc(
     problems = Problems(f"VOC annotations under {input}")
     parsed = []
     folder, files = _annotation_files(input)
-    for xml in files:
+    for xml in track(files, "read voc", "annotations"):
         try:
             doc = ET.parse(xml).getroot()
         except ET.ParseError as e:

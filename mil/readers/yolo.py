@@ -15,6 +15,7 @@ from pathlib import Path
 from mil.cell_table import CellTable
 from mil.errors import InputError
 from mil.labels import LabelMap
+from mil.progress import track
 from mil.readers.common import (
     Problems,
     apply_labels,
@@ -113,7 +114,7 @@ def read_yolo(
         [image for image, _ in labelled], input, patient_from=patient_from, patients_csv=patients_csv, problems=problems
     )
     rows, where = [], []
-    for image, txt in labelled:
+    for image, txt in track(labelled, "read yolo", "images"):
         if image not in assignment:
             continue
         size = image_size(image, str(txt), problems)

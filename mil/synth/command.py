@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated subset of the config's diagnoses, e.g. AML,ALL for a binary cohort "
         "(their proportions keep their ratios; the Auer-rod cue goes if AML is left out)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,14 +93,5 @@ def run(args: argparse.Namespace) -> int:
         config = config.only_diagnoses([d.strip() for d in args.diagnoses.split(",") if d.strip()])
     start = time.perf_counter()
     summary = write_cohort(config, args.out, seed=args.seed, progress=not args.quiet)
-    counts = ", ".join(f"{k} {v}" for k, v in summary.diagnoses.items())
-    if len(summary.centres) > 1:
-        counts += "; " + "; ".join(
-            f"centre {c}: " + ", ".join(f"{k} {v}" for k, v in n.items() if v) for c, n in summary.centres.items()
-        )
-    print(
-        f"wrote {summary.patients} patients ({counts}), {summary.fields} fields, {summary.cells} cells "
-        f"({summary.labelled_cells} labelled, >= {summary.min_labelled_per_patient} per patient) to {summary.out} "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    print(f"wrote {summary} in {time.perf_counter() - start:.1f} s")
     return 0

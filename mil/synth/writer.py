@@ -20,6 +20,7 @@ import yaml
 from mil import __version__
 from mil.atomic import atomic_path, atomic_write_text
 from mil.errors import InputError
+from mil.progress import track
 from mil.synth.centres import assign_patients
 from mil.synth.cohort import Patient, make_patient
 from mil.synth.config import SynthConfig
@@ -78,6 +79,18 @@ class CohortSummary:
     min_labelled_per_patient: int
     diagnoses: dict[str, int]
     centres: dict[str, dict[str, int]]  # centre -> diagnosis -> patients
+
+    def __str__(self) -> str:
+        """What a person reads (`mil synth`, the demo): counts per diagnosis and centre, fields, cells, folder."""
+        counts = ", ".join(f"{k} {v}" for k, v in self.diagnoses.items())
+        if len(self.centres) > 1:
+            counts += "; " + "; ".join(
+                f"centre {c}: " + ", ".join(f"{k} {v}" for k, v in n.items() if v) for c, n in self.centres.items()
+            )
+        return (
+            f"{self.patients} patients ({counts}), {self.fields} fields, {self.cells} cells "
+            f"({self.labelled_cells} labelled, >= {self.min_labelled_per_patient} per patient) in {self.out}"
+        )
 
 
 def _csv_text(columns: tuple[str, ...], rows: list[dict], delimiter: str = ",") -> str:
@@ -142,14 +155,12 @@ def _readme(config: SynthConfig, seed: int, summary: CohortSummary) -> str:
 
 def write_cohort(config: SynthConfig, out: str | Path, *, seed: int = 0, progress: bool = True) -> CohortSummary:
     """Generate every patient and write the Zenodo layout under `out`; returns counts for the user."""
-    from tqdm import tqdm
-
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     plan = assign_patients(config, np.random.default_rng(np.random.SeedSequence([int(seed)])))
     width = max(3, len(str(config.patients)))
     cell_rows, roi_rows, clinical_rows, labelled = [], [], [], []
-    for index in tqdm(range(config.patients), desc="synth patients", unit="patient", disable=not progress):
+    for index in track(range(config.patients), "synth", "patients", enabled=progress):
         centre, diagnosis = plan[index]
         patient: Patient = make_patient(config, seed, index, diagnosis, id_width=width, centre=centre)
         n_labelled = 0
