@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("mil.detector.command_detect", "detect cells on images and write a cell table"),
     "attention": ("mil.attention.command", "attention galleries, overlays, faithfulness and an HTML report"),
     "demo": ("mil.demo", "the whole pipeline on the built-in synthetic cohort"),
+    "run": ("mil.pipeline.command", "the whole pipeline from one YAML file, each stage cached and resumable"),
+    "init": ("mil.pipeline.init", "write a commented pipeline file for your own data (then `mil run FILE`)"),
 }
 
 

@@ -125,5 +125,5 @@ def test_promise9_a_sigterm_stopped_demo_exits_143(tmp_path):
     assert done.returncode == 143, done.stderr[-3000:]
     assert "== cell classifier" in done.stdout  # stopped in the classifier stage, after synth and detector
     assert "stopped by SIGTERM" in done.stderr
-    assert not (out / "demo_summary.md").exists()
+    assert not (out / "pipeline_summary.md").exists()
     assert _temp_files(out) == []
