@@ -26,8 +26,12 @@ DETECT_OWN = ("skip", "mode", "checkpoint", "train_fraction", "ignore_labels", "
               "classical_fields_per_patient")  # fmt: skip
 DETECT_TRAIN = ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "augment", "max_steps", "device")
 DETECT_MODES = ("evaluate", "apply")
-CLASSIFY_OWN = ("skip", "mode")
+CLASSIFY_OWN = ("skip", "mode", "method")
 CLASSIFY_MODES = ("crossfit", "single")
+# finetune: the CNN of `mil train-classifier` (ClassifierConfig keys); linear: a frozen encoder's features (the
+# bags of `encoder`, shared with the extract stage when it is the same encoder) and a logistic-regression head.
+CLASSIFY_METHODS = ("finetune", "linear")
+LINEAR_KEYS = ("encoder", "input_size", "C", "max_iter")
 EXTRACT_KEYS = ("skip", "encoder", "weights", "input_size", "batch_size", "workers", "device", "dtype", "context",
                 "stain_norm", "stain_reference")  # fmt: skip
 COMPARE_OWN = ("skip", "config", "predicted_counts")
@@ -144,7 +148,7 @@ def _known_keys(stage: str) -> tuple[str, ...]:
         from mil.classifier.train import ClassifierConfig
 
         fields = [f for f in ClassifierConfig.__dataclass_fields__ if f not in ("seed", "verbose", "resume")]
-        return (*CLASSIFY_OWN, *fields)
+        return (*CLASSIFY_OWN, *LINEAR_KEYS, *fields)
     if stage == "extract":
         return EXTRACT_KEYS
     if stage == "compare":
@@ -176,6 +180,16 @@ def _check_values(sections: dict[str, dict | None], where: str) -> list[str]:
         if not 0 < float(detect.get("train_fraction", 0.3)) < 1:
             problems.append(f"{where}: detect.train_fraction must lie in (0, 1)")
     classify = sections["classify"]
+    if classify is not None:
+        method = classify.get("method", "finetune")
+        if method not in CLASSIFY_METHODS:
+            problems.append(f"{where}: classify.method {method!r} is not one of {list(CLASSIFY_METHODS)}")
+        own = set(LINEAR_KEYS) if method == "finetune" else set(classify) - {*CLASSIFY_OWN, *LINEAR_KEYS}
+        wrong = sorted(own & set(classify))
+        if wrong:
+            problems.append(f"{where}: classify keys {wrong} do not apply to method {method!r}")
+        if method == "linear" and classify.get("mode") == "single":
+            problems.append(f"{where}: classify method linear is cross-fitted (mode crossfit) only")
     if classify is not None and classify.get("mode", "crossfit") not in CLASSIFY_MODES:
         problems.append(f"{where}: classify.mode {classify['mode']!r} is not one of {list(CLASSIFY_MODES)}")
     if classify is not None and classify.get("mode", "crossfit") == "crossfit" and sections["compare"] is None:

@@ -131,7 +131,7 @@ def stage_detect(ctx: Context) -> StageResult:
     boxes = CellTable(rows=[r for r in cells.rows if r.get("label", "") not in ignore])
     det_config = DetectorConfig.from_dict({k: v for k, v in opts.items() if k not in (*DETECT_OWN, *DETECT_TRAIN)})
     train_config = DetectorTrainConfig(
-        **{k: opts[k] for k in DETECT_TRAIN if k in opts and k != "device"}, seed=ctx.seed, device=device
+        **{k: opts[k] for k in DETECT_TRAIN if k in opts and k != "device"}, seed=ctx.seed, device=device, verbose=True
     )
     out = ctx.out / "detector"
     figures: dict = {}
@@ -234,7 +234,7 @@ def stage_classify(ctx: Context) -> StageResult:
     from mil.classifier.train import ClassifierConfig, train_classifier, train_crossfitted
     from mil.labels import load_label_map
 
-    opts = {k: v for k, v in ctx.config.classify.items() if k != "mode"}
+    opts = {k: v for k, v in ctx.config.classify.items() if k not in ("mode", "method")}
     cells = read_cell_table(ctx.path("cells_csv"))
     present = {r.get("label", "") for r in cells.rows}
     shipped = [c for c in load_label_map().classes if c in present]
@@ -247,7 +247,7 @@ def stage_classify(ctx: Context) -> StageResult:
     if mode == "single":
         from mil.classifier.predict import classify_cells
 
-        config = ClassifierConfig.from_dict({**opts, "seed": ctx.seed})
+        config = ClassifierConfig.from_dict({**opts, "seed": ctx.seed, "verbose": True})
         result = train_classifier(cells, out_dir=ctx.out / "classifier", config=config, class_names=classes)
         for name, m in (("val", result.val_metrics), ("test", result.metrics)):
             if m:
@@ -263,7 +263,12 @@ def stage_classify(ctx: Context) -> StageResult:
 
     splits = _splits(ctx)
     plan = crossfit_plan(splits)
-    config = ClassifierConfig.from_dict({**opts, "seed": ctx.seed, "test_fraction": 0.0})
+    if ctx.config.classify.get("method", "finetune") == "linear":
+        from mil.pipeline.linear import crossfit_linear
+
+        figures, files = crossfit_linear(ctx, plan, classes, _extract_to)
+        return StageResult(figures=figures, artifacts={"crossfit_dir": ctx.out / "crossfit"}, files=files)
+    config = ClassifierConfig.from_dict({**opts, "seed": ctx.seed, "test_fraction": 0.0, "verbose": True})
     crossfit_dir = ctx.out / "crossfit"
     files = []
     for seed in sorted({f["seed"] for f in plan}):
@@ -300,11 +305,15 @@ def stage_classify(ctx: Context) -> StageResult:
     return StageResult(figures=figures, artifacts={"crossfit_dir": crossfit_dir}, files=files)
 
 
-def _extract_to(ctx: Context, cells_csv: Path, out: Path):
+def _extract_to(ctx: Context, cells_csv: Path, out: Path, **override):
     from features.extract import ExtractConfig, run_extract
 
-    opts = dict(ctx.config.extract)
-    encoder = opts.pop("encoder", "morphology.handcrafted")
+    opts = dict(ctx.config.extract or {})
+    if override:  # another encoder than the extract stage's (the linear classifier's): its own name and size
+        for key in ("encoder", "weights", "input_size"):
+            opts.pop(key, None)
+        opts.update({k: v for k, v in override.items() if v is not None})
+    encoder = opts.pop("encoder", None) or "morphology.handcrafted"
     if opts.get("stain_reference"):
         opts["stain_reference"] = Path(opts["stain_reference"])
     return run_extract(ExtractConfig(cells=cells_csv, encoder=encoder, out=out, **opts))
@@ -314,7 +323,9 @@ def stage_extract(ctx: Context) -> StageResult:
     encoder = ctx.config.extract.get("encoder", "morphology.handcrafted")
     bags = ctx.out / "bags" / encoder
     report = _extract_to(ctx, ctx.path("cells_csv"), bags)
-    figures = {"cells_per_second": round(report.cells_embedded / max(report.seconds, 1e-9), 1)}
+    figures = {}
+    if report.cells_embedded:  # all bags reused (e.g. made by the linear classifier): no rate to give
+        figures["cells_per_second"] = round(report.cells_embedded / max(report.seconds, 1e-9), 1)
     if report.failed:
         figures["failed_patients"] = len(report.failed)
     return StageResult(figures=figures, artifacts={"bags": bags}, files=[bags / "manifest.json"], headline=encoder)
