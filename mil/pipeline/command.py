@@ -16,15 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed of every stage (default: the file's `seed:`, else 0)")
 
 
-def output_folder(args: argparse.Namespace) -> Path:
-    from mil.pipeline.config import load_pipeline
-
-    if args.out is not None:
-        return args.out
-    config = load_pipeline(args.pipeline)
-    return config.out or Path(f"{args.pipeline.stem}_out")
-
-
 def run(args: argparse.Namespace) -> int:
     from mil.pipeline.config import load_pipeline
     from mil.pipeline.run import run_pipeline
