@@ -15,9 +15,6 @@ PENDING_ELSEWHERE = {
     "classify",  # cells helper
     "train-detector",  # cells helper
     "detect",  # cells helper
-    "demo",  # pipeline helper
-    "run",  # pipeline helper (new)
-    "init",  # pipeline helper (new)
     "pretrain",  # ssl helper (new)
     "probe",  # ssl helper (new)
 }
