@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=int, default=128, help="tile overlap; keep it above the largest cell")
     parser.add_argument("--min-score", type=float, default=0.3, help="drop detections below this score")
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    parser.add_argument(
+        "--nms-iou", type=float, help="non-maximum suppression overlap of the detector (default: its checkpoint's)"
+    )
     c = ClassicalConfig()
     group = parser.add_argument_group("classical", "settings of --classical (pixels of the image as read)")
     group.add_argument("--sigma", type=float, default=c.sigma, help="Gaussian smoothing of the nucleus channel")
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     detector = None
     if args.checkpoint:
         detector = CellDetector.load(
-            args.checkpoint, tile_size=args.tile_size, overlap=args.overlap, device=args.device
+            args.checkpoint, tile_size=args.tile_size, overlap=args.overlap, device=args.device, nms_iou=args.nms_iou
         )
     classical = classical_config(args) if args.classical else None
     table = detect_images(

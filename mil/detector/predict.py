@@ -30,9 +30,17 @@ class CellDetector:
     device: str = "cpu"
 
     @classmethod
-    def load(cls, checkpoint: str | Path, **kwargs) -> CellDetector:
+    def load(cls, checkpoint: str | Path, *, nms_iou: float | None = None, **kwargs) -> CellDetector:
         model, config = load_detector(checkpoint)
-        return cls(model=model, config=config, **kwargs)
+        detector = cls(model=model, config=config, **kwargs)
+        if nms_iou is not None:
+            detector.set_nms_iou(nms_iou)
+        return detector
+
+    def set_nms_iou(self, iou: float) -> None:
+        """Overlap above which a lower-scored box of the same class is dropped (the network's and the tiles')."""
+        self.config.nms_iou = float(iou)
+        self.model.roi_heads.nms_thresh = float(iou)
 
     @torch.no_grad()
     def predict_tile(self, tile: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
