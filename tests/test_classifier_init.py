@@ -114,3 +114,20 @@ def test_every_option_has_help_text(command):
     importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
     missing = [a.option_strings for a in parser._actions if a.option_strings != ["-h", "--help"] and not a.help]
     assert missing == []
+
+
+def test_wandb_is_off_unless_asked_and_online_needs_credentials(tmp_path, monkeypatch):
+    from mil.errors import ConfigError
+    from mil.tracking import WandbRun, wandb_logger, wanted
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert not wanted("disabled") and wandb_logger("disabled", tmp_path, name="x") is None
+    assert WandbRun("disabled", tmp_path, name="x", config={}).run is None
+    with pytest.raises(ConfigError, match="WANDB_API_KEY.*--wandb offline"):
+        wanted("online")
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the environment wins
+    assert not wanted("offline")
+    with pytest.raises(ConfigError, match="choose one of"):
+        wanted("sometimes")
