@@ -82,7 +82,14 @@ def test_tiny_classifier_loss_decreases_and_writes_outputs(tmp_path, imbalance):
 
     cells = write_cohort(tmp_path)
     config = ClassifierConfig(
-        arch="test_resnet", init="random", crop_size=32, max_epochs=6, batch_size=16, lr=3e-3, imbalance=imbalance, seed=1
+        arch="test_resnet",
+        init="random",
+        crop_size=32,
+        max_epochs=6,
+        batch_size=16,
+        lr=3e-3,
+        imbalance=imbalance,
+        seed=1,
     )
     split = {"train": ["P0", "P1", "P2", "P3"], "val": ["P4"], "test": ["P5"]}
     result = train_classifier(cells, out_dir=tmp_path / "clf", config=config, split=split)
@@ -184,7 +191,9 @@ def test_crossfitted_predicts_each_patient_with_the_model_that_never_saw_it(tmp_
     rows = cells.rows + [dict(cells.rows[0], cell_id="P0:unlabelled", label="")]
     cells = CellTable(rows=rows)
     folds = [(["P2", "P3"], ["P0", "P1"]), (["P0", "P1"], ["P2", "P3"])]
-    config = ClassifierConfig(arch="test_resnet", init="random", crop_size=32, max_epochs=1, batch_size=16, val_fraction=0.5)
+    config = ClassifierConfig(
+        arch="test_resnet", init="random", crop_size=32, max_epochs=1, batch_size=16, val_fraction=0.5
+    )
     result = train_crossfitted(cells, folds, out_dir=tmp_path / "cf", config=config)
     assert set(result.probs) == {r["cell_id"] for r in rows}
     assert result.fold_of_patient == {"P0": 0, "P1": 0, "P2": 1, "P3": 1}
@@ -209,7 +218,7 @@ def test_train_classifier_cli_writes_checkpoint_and_metrics(tmp_path, capfd, mon
     assert "macro-F1" in printed.out
     # The epoch line (mil.progress.EpochLine) and the stated split go to stderr.
     assert "classifier epoch 1/1" in printed.err and "macro-f1" in printed.err and "ETA" not in printed.err
-    assert "val_fraction 0.15" in printed.err and "test_fraction 0.2" in printed.err
+    assert "--val-fraction 0.15 and --test-fraction 0.2" in printed.err
     for banner in ("GPU available", "Tip:", "LeafSpec", "weights_only"):  # Lightning's noise stays out (mil.quiet)
         assert banner not in printed.out + printed.err, banner
 

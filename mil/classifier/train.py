@@ -183,6 +183,7 @@ def train_classifier(
             f"the cell table has {len(class_names)} labelled class(es) {class_names}; a classifier needs 2"
         )
     rows = labelled_rows(cells.rows, class_names)
+    given = split is not None
     split = split or patient_split(
         rows, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
     )
@@ -193,10 +194,12 @@ def train_classifier(
         raise InputError(f"no labelled cells among the {len(split['train'])} training patients; label some cells")
     if config.verbose:
         sizes = ", ".join(f"{len(split[k])} {k} ({len(parts[k])} cells)" for k in ("train", "val", "test"))
-        say(
-            f"classifier: patients split {sizes}: val_fraction {config.val_fraction:g} chooses the kept epoch, "
-            f"test_fraction {config.test_fraction:g} is scored at the end (--val-fraction / --test-fraction)"
+        how = (
+            "as given"
+            if given
+            else f"by --val-fraction {config.val_fraction:g} and --test-fraction {config.test_fraction:g}"
         )
+        say(f"classifier: patients split {how}: {sizes}; validation chooses the kept epoch, the test part is scored")
     net, timm_kwargs = None, {}
     if is_encoder_init(config.init):
         net, arch, mean, std, timm_kwargs = encoder_network(
