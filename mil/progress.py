@@ -192,7 +192,8 @@ class EpochLine(L.Callback):
         for name in self.metrics:
             if name in values:
                 with contextlib.suppress(TypeError, ValueError):
-                    parts.append(f"{name.removeprefix('val_').replace('_', '-')} {float(values[name]):.4f}")
+                    label = "val-loss" if name == "val_loss" else name.removeprefix("val_").replace("_", "-")
+                    parts.append(f"{label} {float(values[name]):.4f}")
         parts.append(duration(seconds))
         left = (trainer.max_epochs or 0) - (trainer.current_epoch + 1)
         if left > 0 and trainer.max_epochs and trainer.max_epochs > 0:
