@@ -217,7 +217,7 @@ def test_train_classifier_cli_writes_checkpoint_and_metrics(tmp_path, capfd, mon
     printed = capfd.readouterr()
     assert "macro-F1" in printed.out
     # The epoch line (mil.progress.EpochLine) and the stated split go to stderr.
-    assert "classifier epoch 1/1" in printed.err and "macro-f1" in printed.err and "ETA" not in printed.err
+    assert "classifier epoch 1/1, loss" in printed.err and "macro-f1" in printed.err and "val-loss" in printed.err
     assert "--val-fraction 0.15 and --test-fraction 0.2" in printed.err
     for banner in ("GPU available", "Tip:", "LeafSpec", "weights_only"):  # Lightning's noise stays out (mil.quiet)
         assert banner not in printed.out + printed.err, banner

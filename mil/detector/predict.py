@@ -42,6 +42,11 @@ class CellDetector:
         self.config.nms_iou = float(iou)
         self.model.roi_heads.nms_thresh = float(iou)
 
+    def set_score_threshold(self, score: float) -> None:
+        """Lowest class score the network reports (a low one lengthens the precision-recall curve AP is read from)."""
+        self.config.score_threshold = float(score)
+        self.model.roi_heads.score_thresh = float(score)
+
     @torch.no_grad()
     def predict_tile(self, tile: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One network pass on an already scaled tile (h, w, 3) uint8 -> boxes in tile pixels."""
