@@ -82,7 +82,14 @@ def test_tiny_classifier_loss_decreases_and_writes_outputs(tmp_path, imbalance):
 
     cells = write_cohort(tmp_path)
     config = ClassifierConfig(
-        arch="test_resnet", crop_size=32, max_epochs=6, batch_size=16, lr=3e-3, imbalance=imbalance, seed=1
+        arch="test_resnet",
+        init="random",
+        crop_size=32,
+        max_epochs=6,
+        batch_size=16,
+        lr=3e-3,
+        imbalance=imbalance,
+        seed=1,
     )
     split = {"train": ["P0", "P1", "P2", "P3"], "val": ["P4"], "test": ["P5"]}
     result = train_classifier(cells, out_dir=tmp_path / "clf", config=config, split=split)
@@ -114,7 +121,7 @@ def test_split_with_patient_in_two_parts_is_refused(tmp_path):
         train_classifier(
             cells,
             out_dir=tmp_path / "x",
-            config=ClassifierConfig(arch="test_resnet", crop_size=32),
+            config=ClassifierConfig(arch="test_resnet", init="random", crop_size=32),
             split={"train": ["P0", "P1"], "val": ["P1"], "test": ["P2"]},
         )
 
@@ -127,7 +134,7 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("trained")
     cells = write_cohort(root, n_patients=4)
-    config = ClassifierConfig(arch="test_resnet", crop_size=32, max_epochs=2, batch_size=16)
+    config = ClassifierConfig(arch="test_resnet", init="random", crop_size=32, max_epochs=2, batch_size=16)
     split = {"train": ["P0", "P1"], "val": ["P2"], "test": ["P3"]}
     return root, cells, train_classifier(cells, out_dir=root / "clf", config=config, split=split)
 
@@ -184,7 +191,9 @@ def test_crossfitted_predicts_each_patient_with_the_model_that_never_saw_it(tmp_
     rows = cells.rows + [dict(cells.rows[0], cell_id="P0:unlabelled", label="")]
     cells = CellTable(rows=rows)
     folds = [(["P2", "P3"], ["P0", "P1"]), (["P0", "P1"], ["P2", "P3"])]
-    config = ClassifierConfig(arch="test_resnet", crop_size=32, max_epochs=1, batch_size=16, val_fraction=0.5)
+    config = ClassifierConfig(
+        arch="test_resnet", init="random", crop_size=32, max_epochs=1, batch_size=16, val_fraction=0.5
+    )
     result = train_crossfitted(cells, folds, out_dir=tmp_path / "cf", config=config)
     assert set(result.probs) == {r["cell_id"] for r in rows}
     assert result.fold_of_patient == {"P0": 0, "P1": 0, "P2": 1, "P3": 1}
@@ -196,16 +205,20 @@ def test_crossfitted_predicts_each_patient_with_the_model_that_never_saw_it(tmp_
     assert all(r["pred_label"] in CLASSES for r in table.rows)
 
 
-def test_train_classifier_cli_writes_checkpoint_and_metrics(tmp_path, capfd):
+def test_train_classifier_cli_writes_checkpoint_and_metrics(tmp_path, capfd, monkeypatch):
     from mil.cli import main
 
+    monkeypatch.setenv("MIL_PROGRESS", "plain")
     write_cohort(tmp_path, n_patients=5, cells_per_class=2)
     out = tmp_path / "run"
     args = ["train-classifier", "--cells", str(tmp_path / "cells.csv"), "--out", str(out), "--arch", "test_resnet"]
-    assert main([*args, "--crop-size", "32", "--max-epochs", "1", "--test-fraction", "0.2"]) == 0
+    assert main([*args, "--init", "random", "--crop-size", "32", "--max-epochs", "1", "--test-fraction", "0.2"]) == 0
     assert (out / "classifier.pt").exists() and json.loads((out / "config.json").read_text())["arch"] == "test_resnet"
     printed = capfd.readouterr()
-    assert "macro-F1" in printed.out and "epoch 1/1" in printed.out
+    assert "macro-F1" in printed.out
+    # The epoch line (mil.progress.EpochLine) and the stated split go to stderr.
+    assert "classifier epoch 1/1, loss" in printed.err and "macro-f1" in printed.err and "val-loss" in printed.err
+    assert "--val-fraction 0.15 and --test-fraction 0.2" in printed.err
     for banner in ("GPU available", "Tip:", "LeafSpec", "weights_only"):  # Lightning's noise stays out (mil.quiet)
         assert banner not in printed.out + printed.err, banner
 

@@ -34,7 +34,16 @@ def _one_thread_and_a_checkpoint_per_epoch(monkeypatch):
 
 def tiny_config(**overrides) -> ClassifierConfig:
     # The weighted sampler, augmentation and the cosine schedule all have to replay exactly on resume.
-    values = dict(arch="test_resnet", crop_size=32, max_epochs=EPOCHS, batch_size=16, lr=3e-3, imbalance="sampler")
+    values = dict(
+        arch="test_resnet",
+        init="random",
+        tta=False,
+        crop_size=32,
+        max_epochs=EPOCHS,
+        batch_size=16,
+        lr=3e-3,
+        imbalance="sampler",
+    )
     return ClassifierConfig(**{**values, "seed": 1, **overrides})
 
 
@@ -233,8 +242,8 @@ DDP_SCRIPT = textwrap.dedent(
     if __name__ == "__main__":  # Lightning's "ddp" launcher runs this file once per rank
         root = Path(sys.argv[1])
         cells = write_cohort(root, n_patients=6, cells_per_class=3)
-        config = ClassifierConfig(arch="test_resnet", crop_size=32, max_epochs=2, batch_size=4, devices=2,
-                                  test_fraction=0.2)
+        config = ClassifierConfig(arch="test_resnet", init="random", crop_size=32, max_epochs=2, batch_size=4,
+                                  devices=2, test_fraction=0.2)
         result = train_classifier(cells, out_dir=root / "out", config=config)
         print("RESULT", result.history["best_epoch"], [round(v, 6) for v in result.history["val_loss"]], flush=True)
     """

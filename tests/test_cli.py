@@ -10,7 +10,7 @@ def test_every_command_takes_threads_and_shows_defaults():
         parser = cli.command_parser(name)
         assert any("--threads" in a.option_strings for a in parser._actions), name
     text = cli.command_parser("train-classifier").format_help()
-    assert "(default: resnet18)" in text.replace("\n", " ").replace("  ", " ") or "resnet18" in text
+    assert "(default: tf_efficientnet_lite0)" in " ".join(text.split())
 
 
 def test_threads_order_is_flag_then_env_then_affinity(monkeypatch):

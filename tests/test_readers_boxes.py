@@ -111,3 +111,27 @@ def test_yolo_labelimg_layout_with_classes_txt_scores_and_polygons(tmp_path):
     assert list(boxes_of(cells).values()) == [(5, 5, 25, 25), (5, 10, 15, 20)]
     assert [r["det_score"] for r in cells.rows] == [0.875, None]
     assert [r["label"] for r in cells.rows] == ["WBC", "RBC"]
+
+
+def test_yolo_names_the_class_file_it_used_and_takes_a_classes_override(tmp_path, caplog):
+    import logging
+
+    from mil.errors import InputError
+
+    size = (50, 40)
+    png(tmp_path / "x.jpg", size)
+    (tmp_path / "classes.txt").write_text("RBC\nWBC\n")
+    (tmp_path / "x.txt").write_text(yolo_line(1, (5, 5, 25, 25), size) + "\n" + yolo_line(0, (2, 2, 9, 9), size) + "\n")
+    with caplog.at_level(logging.WARNING, logger="mil.readers"):
+        cells, _ = read_dataset("yolo", tmp_path)
+    assert [r["label"] for r in cells.rows] == ["WBC", "RBC"]
+    assert "classes.txt" in caplog.text and "['RBC', 'WBC']" in caplog.text
+    cells, _ = read_dataset("yolo", tmp_path, classes="platelet,lymphocyte")
+    assert [r["label"] for r in cells.rows] == ["lymphocyte", "platelet"]
+    (tmp_path / "other.yaml").write_text("names: [a, b]\n")
+    cells, _ = read_dataset("yolo", tmp_path, classes=str(tmp_path / "other.yaml"))
+    assert [r["label"] for r in cells.rows] == ["b", "a"]
+    with pytest.raises(InputError, match="no such file"):
+        read_dataset("yolo", tmp_path, classes=str(tmp_path / "missing.txt"))
+    with pytest.raises(InputError, match="class 1 has no name in --classes"):
+        read_dataset("yolo", tmp_path, classes="only")

@@ -109,7 +109,9 @@ def test_promise9_sigterm_inside_lightning_training_exits_143(tmp_path):
     write_cohort(tmp_path)
     out = tmp_path / "clf"
     args = ["train-classifier", "--cells", str(tmp_path / "cells.csv"), "--out", str(out), "--arch", "test_resnet"]
-    done = _run_self_signalled(tmp_path, [*args, "--crop-size", "32", "--max-epochs", "2", "--batch-size", "8"])
+    done = _run_self_signalled(
+        tmp_path, [*args, "--init", "random", "--crop-size", "32", "--max-epochs", "2", "--batch-size", "8"]
+    )
     assert done.returncode == 143, done.stderr[-3000:]
     assert "stopped by SIGTERM" in done.stderr
     assert not (out / "classifier.pt").exists() and not (out / "run" / "finished.json").exists()

@@ -6,8 +6,9 @@ over its cell classes (the bag's `cell_probs`), so count-based heads need no sec
 Checkpoint format "cytomil-classifier/1": a torch.save'd dict that loads with weights_only=True:
     {"format": "cytomil-classifier/1", "arch": timm arch, "input_size": int, "mean": [3], "std": [3],
      "class_names": [C], "state_dict": timm.create_model(arch, num_classes=C).state_dict()}
-optionally with "interpolation" (default bilinear) and "extra" (a dict of plain values, e.g. the
-training config). The classifier stage writes it with `save_classifier_checkpoint`.
+optionally with "interpolation" (default bilinear), "extra" (a dict of plain values, e.g. the
+training config), "timm_kwargs" (create_model arguments such as a ViT's img_size) and "tta" (predictions average
+the 8 flips/rotations by 90 degrees of a crop). The classifier stage writes it with `save_classifier_checkpoint`.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def load_classifier_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[
     ckpt = _check_checkpoint(ckpt, path)
     if not timm.is_model(ckpt["arch"]):
         raise InputError(f"{path}: arch {ckpt['arch']!r} is not a timm architecture")
-    model = timm.create_model(ckpt["arch"], num_classes=len(ckpt["class_names"]), pretrained=False)
+    kwargs = dict(ckpt.get("timm_kwargs") or {})
+    model = timm.create_model(ckpt["arch"], num_classes=len(ckpt["class_names"]), pretrained=False, **kwargs)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:
@@ -81,6 +83,8 @@ def save_classifier_checkpoint(
     class_names: Sequence[str],
     interpolation: str = "bilinear",
     extra: Mapping[str, Any] | None = None,
+    timm_kwargs: Mapping[str, Any] | None = None,
+    tta: bool = False,
 ) -> str:
     """Write a FORMAT checkpoint atomically (validated by loading it back); returns its sha256.
 
@@ -98,6 +102,8 @@ def save_classifier_checkpoint(
         "class_names": [str(c) for c in class_names],
         "interpolation": str(interpolation),
         "extra": dict(extra or {}),
+        "timm_kwargs": dict(timm_kwargs or {}),
+        "tta": bool(tta),
         # Detached CPU copies: a checkpoint must not depend on the device it was trained on.
         "state_dict": {k: v.detach().cpu().clone() for k, v in state.items()},
     }

@@ -20,7 +20,12 @@ from mil.images import load_rgb
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Augmentations that keep a smear a smear: no orientation exists, stains and scanners vary."""
+    """Augmentations that keep a smear a smear: no orientation exists, stains and scanners vary.
+
+    `light` = flips, 90-degree rotations and a mild stain jitter; `strong` (the default of `mil train-classifier`)
+    adds any rotation angle, a zoom, hue/saturation/gamma shifts and an occasional blur, which is what lets a few
+    hundred labelled cells per class generalise across smears (see docs/real_data.md for the measured gain).
+    """
 
     flips: bool = True
     rot90: bool = True
@@ -29,6 +34,28 @@ class AugmentConfig:
     stain_shift: float = 0.04
     brightness: float = 0.1
     contrast: float = 0.1
+    rotate_degrees: float = 0.0  # any angle up to this, reflect-padded (cells have no up)
+    zoom: float = 0.0  # scale by 1 +- zoom around the centre (boxes are a little loose or tight)
+    hue: float = 0.0  # hue shift, fraction of the colour circle +-
+    saturation: float = 0.0  # saturation factor 1 +- this
+    gamma: float = 0.0  # gamma 1 +- this
+    blur_p: float = 0.0  # probability of a Gaussian blur (sigma 0.3-1 px: focus varies)
+
+    @classmethod
+    def named(cls, strength: str) -> AugmentConfig | None:
+        if strength not in AUGMENT:
+            raise ValueError(f"augment {strength!r} is unknown; choose one of {list(AUGMENT)}")
+        if strength == "none":
+            return None
+        if strength == "light":
+            return cls()
+        return cls(
+            stain_gain=0.12, stain_shift=0.05, brightness=0.12, contrast=0.15, rotate_degrees=180.0, zoom=0.1,
+            hue=0.03, saturation=0.2, gamma=0.15, blur_p=0.2,
+        )  # fmt: skip
+
+
+AUGMENT = ("strong", "light", "none")
 
 
 def labelled_rows(rows: list[dict], class_names: list[str] | tuple[str, ...]) -> list[dict]:
@@ -77,8 +104,22 @@ def load_crops(rows: list[dict], *, crop_size: int) -> np.ndarray:
     return crops
 
 
+def _rotate_zoom(x: torch.Tensor, degrees: float, scale: float) -> torch.Tensor:
+    """Rotate (3, S, S) by `degrees` and zoom by `scale` about the centre; reflection fills the corners."""
+    import math
+
+    import torch.nn.functional as F
+
+    a = math.radians(degrees)
+    cos, sin = math.cos(a) / scale, math.sin(a) / scale
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype).unsqueeze(0)  # (1, 2, 3)
+    grid = F.affine_grid(theta, [1, *x.shape], align_corners=False)
+    return F.grid_sample(x.unsqueeze(0), grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
+
+
 def smear_augment(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Augment one crop (3, S, S) in [0, 1]; `generator` makes the draw reproducible per seed."""
+    import torchvision.transforms.v2.functional as TF
 
     def uniform(scale: float, n: int = 1) -> torch.Tensor:
         return (torch.rand(n, generator=generator) * 2 - 1) * scale
@@ -90,11 +131,24 @@ def smear_augment(x: torch.Tensor, config: AugmentConfig, generator: torch.Gener
     if config.rot90:
         k = int(torch.randint(0, 4, (1,), generator=generator).item())
         x = torch.rot90(x, k, dims=(-2, -1))
+    if config.rotate_degrees or config.zoom:
+        angle = float(uniform(config.rotate_degrees)) if config.rotate_degrees else 0.0
+        x = _rotate_zoom(x, angle, 1 + float(uniform(config.zoom)) if config.zoom else 1.0)
+    if config.hue:
+        x = TF.adjust_hue(x, float(uniform(config.hue)))
+    if config.saturation:
+        x = TF.adjust_saturation(x, 1 + float(uniform(config.saturation)))
     gain = 1 + uniform(config.stain_gain, 3).view(3, 1, 1)
     shift = uniform(config.stain_shift, 3).view(3, 1, 1)
     x = x * gain + shift
     mean = x.mean()
     x = (x - mean) * (1 + uniform(config.contrast)) + mean + uniform(config.brightness)
+    x = x.clamp(0, 1)
+    if config.gamma:
+        x = x ** (1 + float(uniform(config.gamma)))
+    if config.blur_p and torch.rand(1, generator=generator).item() < config.blur_p:
+        sigma = 0.3 + 0.7 * float(torch.rand(1, generator=generator))
+        x = TF.gaussian_blur(x, kernel_size=[3, 3], sigma=[sigma, sigma])
     return x.clamp(0, 1)
 
 

@@ -70,13 +70,62 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
 
 
-class DetectionDataset(torch.utils.data.Dataset):
-    """Scaled images (cached in memory after the first read) + scaled boxes; random flips when augmenting."""
+@dataclass(frozen=True)
+class SmearAugment:
+    """Augmentations that keep a smear a smear: it has no up or left (flips, rotations by 90 degrees), and stains
+    and scanners vary (per-channel gain, brightness, contrast). Boxes follow every geometric change exactly."""
 
-    def __init__(self, *, samples: list[DetectionSample], pixel_scale: float, augment: bool, seed: int = 0) -> None:
+    flips: bool = True
+    rot90: bool = True
+    stain_gain: float = 0.08  # per-channel multiplicative gain, +-
+    brightness: float = 0.08  # additive, in [0, 1] units, +-
+    contrast: float = 0.1  # +-
+
+
+def augment_field(
+    image: torch.Tensor, boxes: torch.Tensor, config: SmearAugment, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image (3, H, W) in [0, 1] and its boxes (K, 4) x0 y0 x1 y1 -> augmented copies; seeded by `generator`."""
+
+    def coin() -> bool:
+        return torch.rand(1, generator=generator).item() < 0.5
+
+    def uniform(scale: float, n: int = 1) -> torch.Tensor:
+        return (torch.rand(n, generator=generator) * 2 - 1) * scale
+
+    _, h, w = image.shape
+    x0, y0, x1, y1 = boxes.unbind(1)
+    if config.flips and coin():
+        image, (x0, x1) = image.flip(-1), (w - x1, w - x0)
+    if config.flips and coin():
+        image, (y0, y1) = image.flip(-2), (h - y1, h - y0)
+    if config.rot90 and coin():
+        # Counter-clockwise by 90 degrees: pixel (x, y) of a W-wide image goes to (y, W - x); H and W swap.
+        image = torch.rot90(image, 1, dims=(-2, -1))
+        x0, y0, x1, y1 = y0, w - x1, y1, w - x0
+    boxes = torch.stack([x0, y0, x1, y1], dim=1)
+    if config.stain_gain or config.brightness or config.contrast:
+        image = image * (1 + uniform(config.stain_gain, 3).view(3, 1, 1))
+        mean = image.mean()
+        image = (image - mean) * (1 + uniform(config.contrast)) + mean + uniform(config.brightness)
+        image = image.clamp(0, 1)
+    return image, boxes
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Scaled images (cached in memory after the first read) + scaled boxes; smear augmentation when augmenting."""
+
+    def __init__(
+        self,
+        *,
+        samples: list[DetectionSample],
+        pixel_scale: float,
+        augment: bool | SmearAugment,
+        seed: int = 0,
+    ) -> None:
         self.samples = samples
         self.pixel_scale = pixel_scale
-        self.augment = augment
+        self.augment = (SmearAugment() if augment is True else augment) or None
         self.seed = seed
         self.epoch = 0
         self._cache: dict[int, np.ndarray] = {}
@@ -92,18 +141,11 @@ class DetectionDataset(torch.utils.data.Dataset):
             except Exception as e:  # PIL raises many types for a broken file
                 raise InputError(f"image {sample.image_path} cannot be read ({e}); fix or remove its rows") from e
         image = to_tensor(self._cache[i])  # (3, H, W)
-        boxes = torch.from_numpy(sample.boxes * self.pixel_scale)  # (K, 4)
-        _, h, w = image.shape
-        if self.augment:
+        boxes = torch.from_numpy(sample.boxes * self.pixel_scale).reshape(-1, 4)  # (K, 4)
+        if self.augment is not None:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + i)
-            if torch.rand(1, generator=g).item() < 0.5:
-                image = image.flip(-1)
-                boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
-            if torch.rand(1, generator=g).item() < 0.5:
-                image = image.flip(-2)
-                boxes = torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], dim=1)
-        boxes = boxes.reshape(-1, 4)
-        return image, {"boxes": boxes, "labels": torch.from_numpy(sample.labels)}
+            image, boxes = augment_field(image, boxes, self.augment, g)
+        return image, {"boxes": boxes.reshape(-1, 4), "labels": torch.from_numpy(sample.labels)}
 
 
 def collate(batch):

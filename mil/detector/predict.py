@@ -30,9 +30,22 @@ class CellDetector:
     device: str = "cpu"
 
     @classmethod
-    def load(cls, checkpoint: str | Path, **kwargs) -> CellDetector:
+    def load(cls, checkpoint: str | Path, *, nms_iou: float | None = None, **kwargs) -> CellDetector:
         model, config = load_detector(checkpoint)
-        return cls(model=model, config=config, **kwargs)
+        detector = cls(model=model, config=config, **kwargs)
+        if nms_iou is not None:
+            detector.set_nms_iou(nms_iou)
+        return detector
+
+    def set_nms_iou(self, iou: float) -> None:
+        """Overlap above which a lower-scored box of the same class is dropped (the network's and the tiles')."""
+        self.config.nms_iou = float(iou)
+        self.model.roi_heads.nms_thresh = float(iou)
+
+    def set_score_threshold(self, score: float) -> None:
+        """Lowest class score the network reports (a low one lengthens the precision-recall curve AP is read from)."""
+        self.config.score_threshold = float(score)
+        self.model.roi_heads.score_thresh = float(score)
 
     @torch.no_grad()
     def predict_tile(self, tile: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -80,12 +93,15 @@ def detect_images(
     detector: CellDetector | None = None,
     classical: ClassicalConfig | None = None,
     min_score: float = 0.0,
+    progress: bool = False,
 ) -> CellTable:
     """(image path, patient id) pairs -> predicted cell table; the trained `detector` or, without one, the
-    classical baseline. Boxes are clipped to the image and rounded to whole pixels."""
+    classical baseline. Boxes are clipped to the image and rounded to whole pixels. `progress` shows images/s
+    (mil.progress: a bar on a terminal, timed lines in a log)."""
+    from mil.progress import track
 
     rows = []
-    for path, patient in images:
+    for path, patient in track(images, "detect", "images", enabled=progress):
         path = Path(path).resolve()
         try:
             image = load_rgb(path)

@@ -13,17 +13,20 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from mil.atomic import atomic_write_text
 from mil.cell_table import CellTable
+from mil.detector.anchors import box_stats, derive_pixel_scale, derive_smallest_anchor
 from mil.detector.data import DetectionDataset, collate, samples_from_cells
 from mil.detector.model import DetectorConfig, build_detector, save_detector
 from mil.errors import ConfigError, InputError
+from mil.progress import EpochLine, say
 from mil.runs import (
     CHECKPOINT_DIR,
     FINISHED_FILE,
@@ -36,6 +39,7 @@ from mil.runs import (
     weight_settings,
     write_checkpoint,
 )
+from mil.tracking import WandbRun
 
 RUN_DIR = "run"
 # A killed run loses at most this much training (plus the epoch in progress); tests set it to 0 (every epoch).
@@ -44,17 +48,18 @@ LAST_EVERY_SECONDS = 60.0
 
 @dataclass
 class DetectorTrainConfig:
-    epochs: int = 10
+    epochs: int = 12
     batch_size: int = 4
-    lr: float = 1e-3  # AdamW; cosine decay after a linear warm-up
+    lr: float = 5e-4  # AdamW; cosine decay after a linear warm-up
     weight_decay: float = 1e-4
-    warmup_steps: int = 50
-    augment: bool = True
+    warmup_steps: int = 30
+    augment: bool = True  # flips, rotations by 90 degrees, stain/brightness/contrast jitter (data.SmearAugment)
     max_steps: int = -1  # stop after this many optimizer steps (tests, smoke runs); -1 = no limit
     seed: int = 0
     device: str = "cpu"
-    verbose: bool = False  # one line per epoch on stdout
+    verbose: bool = True  # one line per epoch (loss, validation AP, seconds, ETA) and a heartbeat on stderr
     resume: bool = True  # reuse a finished run / continue from out_dir/run/checkpoints/last.ckpt of the same run
+    wandb: str = "disabled"  # 'offline' | 'online' | 'disabled' (mil.tracking)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -78,8 +83,13 @@ def train_detector(
     config: DetectorConfig | None = None,
     train_config: DetectorTrainConfig | None = None,
     patients: list[str] | None = None,
+    val_cells: CellTable | None = None,
 ) -> DetectorResult:
-    """Fit on every image of `patients` (default: all) and write detector.pt + history.json to `out_dir`."""
+    """Fit on every image of `patients` (default: all) and write detector.pt + history.json to `out_dir`.
+
+    A pixel_scale or smallest_anchor of 0 is derived from the training boxes (mil.detector.anchors). With
+    `val_cells`, AP@0.5 on their images is measured after every epoch (history `val_map_50`, the epoch line).
+    """
     config = config or DetectorConfig()
     tc = train_config or DetectorTrainConfig()
     out_dir = Path(out_dir)
@@ -87,6 +97,7 @@ def train_detector(
     samples = samples_from_cells(cells, config.classes, patients)
     if not samples:
         raise InputError("no images to train the detector on; the cell table (or the chosen patients) is empty")
+    config = resolve_from_boxes(config, samples, verbose=tc.verbose)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     model = build_detector(config).to(tc.device)
@@ -103,7 +114,7 @@ def train_detector(
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - tc.warmup_steps) / max(1, total - tc.warmup_steps))))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    history: dict[str, list[float]] = {"step_loss": [], "epoch_loss": []}
+    history: dict[str, list[float]] = {"step_loss": [], "epoch_loss": [], "epoch_seconds": [], "val_map_50": []}
     step, start = 0, 0
     inside: dict | None = None  # where a checkpoint written inside an epoch left off
     run_dir = out_dir / RUN_DIR
@@ -115,7 +126,11 @@ def train_detector(
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        step, start, history = saved["step"], saved["epoch"] + 1, saved["history"]
+        step, start, history = (
+            saved["step"],
+            saved["epoch"] + 1,
+            {"val_map_50": [], "epoch_seconds": [], **saved["history"]},
+        )
         if saved.get("inside") is not None:
             start, inside = saved["epoch"], saved["inside"]
     written = time.monotonic()
@@ -128,7 +143,12 @@ def train_detector(
         states = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
         write_checkpoint(last, {**progress, **states, "scheduler": scheduler.state_dict()})
 
+    tracker = WandbRun(tc.wandb, run_dir, name=out_dir.name, config={"detector": asdict(config), "train": asdict(tc)})
+    line = _EpochLoop(EpochLine("detector", metrics=("val_map_50",), enabled=tc.verbose), tc.epochs, batches)
+    line.start()
     for epoch in range(start, tc.epochs if step < total else start):
+        line.epoch_start(epoch)
+        epoch_began = time.perf_counter()
         dataset.epoch = epoch
         # Image order and the RPN's anchor sampling depend on (seed, epoch) only: a resumed epoch replays exactly.
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(epoch_seed(tc.seed, epoch, 0)))
@@ -156,6 +176,7 @@ def train_detector(
             scheduler.step()
             losses.append(float(loss.detach()))
             history["step_loss"].append(losses[-1])
+            line.batch_end(losses[-1])
             step += 1
             if step >= total:
                 break
@@ -163,17 +184,21 @@ def train_detector(
                 save(epoch, losses, done_in_epoch=done)  # a long epoch killed midway loses little
                 written = time.monotonic()
         history["epoch_loss"].append(float(np.mean(losses)) if losses else float("nan"))
-        if tc.verbose:
-            print(
-                f"detector epoch {epoch + 1}/{tc.epochs}: loss {history['epoch_loss'][-1]:.4f} ({step} steps)",
-                flush=True,
-            )
+        history["epoch_seconds"].append(round(time.perf_counter() - epoch_began, 2))  # training steps only
+        metrics = {"loss": history["epoch_loss"][-1]}
+        if val_cells is not None and len(val_cells):
+            history["val_map_50"].append(_validate(model, config, val_cells, tc.device))
+            metrics["val_map_50"] = history["val_map_50"][-1]
+            model.train()
+        line.epoch_end(metrics)
+        tracker.log({"epoch": epoch + 1, **metrics, "lr": scheduler.get_last_lr()[0]}, step=step)
         final = step >= total or epoch + 1 == tc.epochs
         if final or time.monotonic() - written >= LAST_EVERY_SECONDS:
             save(epoch, losses)
             written = time.monotonic()
         if final:
             break
+    tracker.finish()
     if state != "finished":
         atomic_write_text(run_dir / FINISHED_FILE, json.dumps({"steps": step}) + "\n")
     model.eval()
@@ -181,6 +206,57 @@ def train_detector(
     summary = {"config": asdict(config), "train_config": asdict(tc), "images": len(samples), "history": history}
     atomic_write_text(out_dir / "history.json", json.dumps(summary, indent=2) + "\n")
     return DetectorResult(checkpoint=checkpoint, config=config, history=history)
+
+
+def resolve_from_boxes(config: DetectorConfig, samples: list, *, verbose: bool = True) -> DetectorConfig:
+    """`config` with a pixel_scale / smallest_anchor of 0 replaced by the values the training boxes call for."""
+    if config.pixel_scale > 0 and config.smallest_anchor > 0:
+        return config
+    stats = box_stats(samples, config.classes)
+    scale = config.pixel_scale or derive_pixel_scale(stats)
+    anchor = config.smallest_anchor or derive_smallest_anchor(stats, scale)
+    if verbose:
+        name, _ = stats.smallest()
+        say(
+            f"detector: image scale {scale:g} and smallest anchor {anchor} px from the training boxes "
+            f"(smallest class {name}; at that scale: {stats.describe(scale)}); set --pixel-scale / --smallest-anchor "
+            "to override"
+        )
+    return replace(config, pixel_scale=scale, smallest_anchor=anchor)
+
+
+def _validate(model: torch.nn.Module, config: DetectorConfig, cells: CellTable, device: str) -> float:
+    """AP@0.5 over classes on the images of `cells` (whole images at the training scale)."""
+    from mil.detector.evaluate import evaluate_table
+    from mil.detector.predict import CellDetector, detect_images
+
+    model.eval()
+    images = sorted({(r["image_path"], r["patient_id"]) for r in cells.rows})
+    detector = CellDetector(model=model, config=config, tile_size=4096, overlap=128, device=device)
+    return float(evaluate_table(detect_images(images, detector=detector), cells, config.classes)["map_50"])
+
+
+class _EpochLoop:
+    """Drives mil.progress.EpochLine from this plain training loop (it is a Lightning callback)."""
+
+    def __init__(self, line: EpochLine, epochs: int, batches: int) -> None:
+        self.line = line
+        self.trainer = SimpleNamespace(current_epoch=0, max_epochs=epochs, num_training_batches=batches,
+                                       callback_metrics={})  # fmt: skip
+
+    def start(self) -> None:
+        self.line.on_fit_start(self.trainer, None)
+
+    def epoch_start(self, epoch: int) -> None:
+        self.trainer.current_epoch = epoch
+        self.line.on_train_epoch_start(self.trainer, None)
+
+    def batch_end(self, loss: float) -> None:
+        self.line.on_train_batch_end(self.trainer, None, {"loss": loss}, None, 0)
+
+    def epoch_end(self, metrics: dict) -> None:
+        self.trainer.callback_metrics = dict(metrics)
+        self.line.on_train_epoch_end(self.trainer, None)
 
 
 def _fingerprint(config: DetectorConfig, tc: DetectorTrainConfig, samples: list, model: torch.nn.Module) -> str:

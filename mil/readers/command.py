@@ -35,7 +35,9 @@ patient-folders from <root>/<patient>/ folders plus --patients-csv.
 
 
 # CLI options handed to the reader (flag --patients-csv -> keyword patients_csv).
-READER_OPTIONS = ("patients_csv", "patient_from", "voc_origin", "clinical", "roi_padding", "max_roi_size")
+READER_OPTIONS = (
+    "patients_csv", "patient_from", "voc_origin", "clinical", "roi_padding", "max_roi_size", "classes",
+)  # fmt: skip
 
 
 def _formats_help() -> str:
@@ -92,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--roi-padding", type=int, help="idc: pixels added around each region of interest read from the slide"
     )
     parser.add_argument("--max-roi-size", type=int, help="idc: largest side in pixels of a region read from the slide")
+    parser.add_argument(
+        "--classes",
+        help="yolo: class names from this data.yaml / classes.txt, or NAME,NAME,... (class 0 first), instead of "
+        "the file the reader finds (it names the file it used)",
+    )
     parser.add_argument(
         "--no-check-images",
         action="store_true",

@@ -5,7 +5,9 @@ Layouts: Ultralytics (`<root>/images/<split>/x.jpg` with `<root>/labels/<split>/
 root that has `names`), else from `classes.txt` / `obj.names` (one name per line) in the root or beside the
 label files. A sixth value is taken as a detector's confidence (`det_score`); a longer line is an Ultralytics
 segmentation polygon, whose bounding box is used. Pixels: x0 = (cx - w/2) * width, rounded and clipped.
-An image without a label file has no cells (a background image) and is left out.
+An image without a label file has no cells (a background image) and is left out. The reader says which file
+named the classes (several candidates may exist); `classes` (CLI `--classes`) overrides the search with a file
+(data.yaml or classes.txt layout) or a comma-separated list of names, class 0 first.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mil.readers.common import (
     image_size,
     keep_patients_with_cells,
     list_images,
+    log,
     resolve_label_map,
 )
 from mil.readers.patients import assign_patients
@@ -57,6 +60,25 @@ def _names_from_yaml(path: Path) -> list[str] | None:
     if isinstance(names, dict):  # Ultralytics writes {0: name, 1: name}
         return [str(names[k]) for k in sorted(names, key=int)]
     return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def names_from_option(classes: str | Path) -> tuple[list[str], str]:
+    """`--classes`: a data.yaml / classes.txt file, or names separated by commas (class 0 first)."""
+    path = Path(classes)
+    if path.is_file():
+        if path.suffix.lower() in (".yaml", ".yml"):
+            names = _names_from_yaml(path)
+            if not names:
+                raise InputError(f"--classes {path} has no `names: [...]` list; add one or give a classes.txt")
+        else:
+            names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return names, str(path)
+    if path.suffix.lower() in (".txt", ".names", ".yaml", ".yml"):
+        raise InputError(f"--classes {classes}: no such file; give an existing classes.txt / data.yaml or NAME,NAME")
+    names = [n.strip() for n in str(classes).split(",") if n.strip()]
+    if not names:
+        raise InputError("--classes is empty; give a classes.txt / data.yaml or NAME,NAME,...")
+    return names, "--classes"
 
 
 def class_names(root: Path, label_dirs: list[Path]) -> tuple[list[str], Path]:
@@ -100,6 +122,7 @@ def read_yolo(
     label_map: LabelMap | None = None,
     patient_from: str = "image",
     patients_csv: Path | None = None,
+    classes: str | Path | None = None,
 ):
     """YOLO txt labels (class cx cy w h, normalised) with class names from data.yaml or classes.txt."""
     if not input.is_dir():
@@ -108,7 +131,11 @@ def read_yolo(
     labelled = [(image, txt) for image, txt in labelled if txt.is_file()]
     if not labelled:
         raise InputError(f"no image under {input} has a YOLO .txt label file (labels/<split>/x.txt or x.txt beside x)")
-    names, names_file = class_names(input, sorted({txt.parent for _, txt in labelled}))
+    if classes is not None:
+        names, names_file = names_from_option(classes)
+    else:
+        names, names_file = class_names(input, sorted({txt.parent for _, txt in labelled}))
+    log.warning("yolo: class names %s from %s (override with --classes FILE or NAME,NAME,...)", names, names_file)
     problems = Problems(f"YOLO labels under {input}")
     assignment, patients = assign_patients(
         [image for image, _ in labelled], input, patient_from=patient_from, patients_csv=patients_csv, problems=problems
@@ -129,7 +156,9 @@ def read_yolo(
                 continue
             cls, (x0, y0, x1, y1), score = parsed
             if not 0 <= cls < len(names):
-                problems.add(f"{place}: class {cls} has no name in {names_file} ({len(names)} names); add it")
+                problems.add(
+                    f"{place}: class {cls} has no name in {names_file} ({len(names)} names); add it or pass --classes"
+                )
                 continue
             w, h = size
             box = box_in_image((x0 * w, y0 * h, x1 * w, y1 * h), size, place, problems)
