@@ -11,10 +11,6 @@ from mil.cli import COMMANDS, DefaultsShown, command_parser
 # Commands whose options other helpers are still documenting on their own branches; the lead removes each name
 # from this list when that branch is merged (then the test covers it like every other command).
 PENDING_ELSEWHERE = {
-    "train-classifier",  # cells helper
-    "classify",  # cells helper
-    "train-detector",  # cells helper
-    "detect",  # cells helper
     "pretrain",  # ssl helper (new)
     "probe",  # ssl helper (new)
 }

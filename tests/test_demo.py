@@ -32,7 +32,15 @@ TINY = {
         "max_steps": 2,
         "train_fraction": 0.3,
     },
-    "classify": {"arch": "resnet18", "crop_size": 32, "max_epochs": 1, "max_steps": 2, "batch_size": 32},
+    "classify": {
+        "arch": "resnet18",
+        "init": "random",
+        "tta": False,
+        "crop_size": 32,
+        "max_epochs": 1,
+        "max_steps": 2,
+        "batch_size": 32,
+    },
     "extract": {"encoder": "morphology.handcrafted", "input_size": 32},
     "compare": {
         "heads": ["count.logreg", "count.meta", "mean", "abmil"],

@@ -242,7 +242,7 @@ class _EpochLoop:
     def __init__(self, line: EpochLine, epochs: int, batches: int) -> None:
         self.line = line
         self.trainer = SimpleNamespace(current_epoch=0, max_epochs=epochs, num_training_batches=batches,
-                                       callback_metrics={})  # fmt: skip
+                                       callback_metrics={}, is_global_zero=True, should_stop=False)  # fmt: skip
 
     def start(self) -> None:
         self.line.on_fit_start(self.trainer, None)
