@@ -161,3 +161,38 @@ def test_pretrain_killed_inside_an_epoch_resumes_to_the_same_weights(cells_csv, 
     b = torch.load(killed / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     _assert_same(a["state_dict"], b["state_dict"])  # student, teacher, heads and the DINO centre
     assert b["history"]["train_loss"] == pytest.approx(a["history"]["train_loss"], abs=1e-6)
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    from pathlib import Path
+    from test_pretrain import tiny
+    from mil.cell_table import read_cell_table
+    from mil.pretrain.train import pretrain
+    if __name__ == "__main__":  # Lightning's "ddp" launcher runs this file once per rank
+        cells, out = Path(sys.argv[1]), Path(sys.argv[2])
+        result = pretrain(read_cell_table(cells), out_dir=out, config=tiny(sys.argv[3], devices=2, batch_size=4))
+        print("RESULT", [round(v, 6) for v in result.history["train_loss"]], flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dino", "simclr"])
+def test_two_cpu_processes_pretrain_one_encoder(method, cells_csv, tmp_path):
+    """DDP smoke test (--devices 2): both ranks finish with the same losses (gathered negatives for SimCLR, an
+    all-reduced centre for DINO) and the encoder loads."""
+    from features.registry import create_encoder
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MIL_PROGRESS": "0"}
+    argv = [sys.executable, str(script), str(cells_csv), str(tmp_path / "out"), method]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(results) == 2 and results[0] == results[1], results
+    assert create_encoder("ssl.file", weights=str(tmp_path / "out" / "encoder.safetensors")).config.embed_dim == 96

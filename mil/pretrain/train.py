@@ -98,7 +98,9 @@ def pretrain(cells: CellTable, *, out_dir: str | Path, config: PretrainConfig | 
     module.load_state_dict(last["state_dict"])
     history = {k: list(v) for k, v in last.get("history", {}).items()}
     if state != "finished":
-        atomic_write_text(run_dir / FINISHED_FILE, json.dumps({"epochs": len(history.get("train_loss", []))}) + "\n")
+        finished = {"epochs": len(history.get("train_loss", [])), "seconds_last_call": round(seconds, 1)}
+        atomic_write_text(run_dir / FINISHED_FILE, json.dumps(finished) + "\n")
+    trained_seconds = json.loads((run_dir / FINISHED_FILE).read_text()).get("seconds_last_call")
     run_record = {
         "method": config.method,
         "run_dir": str(run_dir.resolve()),
@@ -120,7 +122,7 @@ def pretrain(cells: CellTable, *, out_dir: str | Path, config: PretrainConfig | 
         interpolation="bilinear",  # crops are cut with bilinear resizing (mil.classifier.data.crop_box)
         pretrain=run_record,
     )
-    _write_outputs(out_dir, config, history, seconds=seconds, state=state)
+    _write_outputs(out_dir, config, history, seconds=trained_seconds, state=state)
     return PretrainResult(encoder=encoder_path, history=history, fingerprint=fingerprint, seconds=seconds, state=state)
 
 
@@ -176,12 +178,11 @@ def _fit(module, config: PretrainConfig, *, crops, norm, run_dir: Path, resume_f
         trainer.fit(module, loader, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
 
 
-def _write_outputs(out_dir: Path, config: PretrainConfig, history: dict, *, seconds: float, state: str) -> None:
+def _write_outputs(out_dir: Path, config: PretrainConfig, history: dict, *, seconds, state: str) -> None:
     atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    atomic_write_text(
-        out_dir / "history.json",
-        json.dumps({**history, "seconds_this_call": round(seconds, 1), "state": state}, indent=2) + "\n",
-    )
+    # seconds: the training of the call that finished the run (a resumed run's earlier calls are not counted)
+    record = {**history, "seconds_of_finishing_call": seconds, "state": state}
+    atomic_write_text(out_dir / "history.json", json.dumps(record, indent=2) + "\n")
     write_loss_png(history.get("train_loss", []), out_dir / "loss.png", title=f"{config.method} on {config.arch}")
 
 
