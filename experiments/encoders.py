@@ -34,10 +34,11 @@ sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
 PBC = Path(os.environ.get("PBC_SAMPLE", DATA / "pbc-sample"))
 
-# name -> mil pretrain options; resnet18 at 64 px, epochs sized for ~15 minutes each on the loaded 2-core machine.
+# name -> mil pretrain options; resnet18 at 64 px, epochs sized for at most ~15 CPU minutes each (SimCLR's 6 epochs
+# took 10 CPU minutes, 24 wall minutes on the loaded 2-core machine).
 PRETRAIN = {
     "simclr": ["--method", "simclr", "--arch", "resnet18", "--crop-size", "64", "--max-epochs", "6"],
-    # DINO costs ~1.6x SimCLR per epoch (two global and two local views, and the teacher): 2 epochs fit the budget;
+    # DINO costs ~1.6x SimCLR per epoch (two global and two local views, and the teacher): 3 epochs fit the budget;
     # batch 32 doubles the steps and momentum 0.9 lets the EMA teacher move in so few of them (0.99**24 = 0.79).
     "dino": [
         "--method",
@@ -47,7 +48,7 @@ PRETRAIN = {
         "--crop-size",
         "64",
         "--max-epochs",
-        "2",
+        "3",
         "--batch-size",
         "32",
         "--local-views",
