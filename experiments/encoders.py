@@ -146,11 +146,12 @@ def main_experiment(args: argparse.Namespace) -> None:
     table = encoders(pbc)
     folders = extract_all(t, "pbc", cells, pbc / "bags", table)
     unsupervised = [f for f in folders if f.name != "classifier"]
-    t.run("pbc probe (800 cells)", ["probe", "--bags", *map(str, unsupervised), "--out", str(pbc / "probe_all")])
+    t.run("pbc probe (800 cells)", ["probe", "--bags", *map(str, unsupervised), "--out", str(pbc / "probe_all")],
+          done=pbc / "probe_all" / "probe.json")  # fmt: skip
     held = held_out_cells(classifier, cells, pbc / "held_out_cells.csv")
     t.run("pbc probe (classifier's held-out images)",
           ["probe", "--bags", *map(str, folders), "--cells", str(held), "--out", str(pbc / "probe_held_out"),
-           "--plot", "none"])  # fmt: skip
+           "--plot", "none"], done=pbc / "probe_held_out" / "probe.json")  # fmt: skip
 
     if args.skip_synth:
         return
@@ -162,16 +163,18 @@ def main_experiment(args: argparse.Namespace) -> None:
                            str(config), "--quiet"], done=synth / "cohort")  # fmt: skip
     cells_argv = ["cells", "--format", "zenodo", "--input", str(synth / "cohort"), "--out", str(synth / "cells")]
     t.run("synth cells", cells_argv, done=scells)
-    synth_table = {k: v for k, v in table.items() if k != "lite0.imagenet-64"}  # the 96-px row is ImageNet's best
-    sfolders = extract_all(t, "synth", scells, synth / "bags", synth_table)
     patients = synth / "cells" / "patients.csv"
+    # Most telling first (a rerun with fewer --synth-encoders leaves the rest out): extract, then compare, per encoder.
+    sfolders = []
+    for name in args.synth_encoders.split(","):
+        folder = extract_all(t, "synth", scells, synth / "bags", {name: table[name]})[0]
+        sfolders.append(folder)
+        t.run(f"synth compare {name}",
+              ["compare", "--bags", str(folder), "--patients", str(patients), "--heads", "mean,abmil", "--folds", "5",
+               "--seeds", "1", "--out", str(synth / "compare" / name)],
+              done=synth / "compare" / name / "summary.md")  # fmt: skip
     t.run("synth probe", ["probe", "--bags", *map(str, sfolders), "--patients", str(patients), "--out",
                           str(synth / "probe")])  # fmt: skip
-    for folder in sfolders:
-        t.run(f"synth compare {folder.name}",
-              ["compare", "--bags", str(folder), "--patients", str(patients), "--heads", "mean,abmil", "--folds", "5",
-               "--seeds", "1", "--out", str(synth / "compare" / folder.name)],
-              done=synth / "compare" / folder.name / "summary.md")  # fmt: skip
     summary(out)
 
 
@@ -241,6 +244,11 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=REPO / "results" / "encoders", help="output folder")
     parser.add_argument("--patients", type=int, default=30, help="patients of the synthetic cue cohort")
     parser.add_argument("--skip-synth", action="store_true", help="the PBC part only")
+    parser.add_argument(
+        "--synth-encoders",
+        default="resnet18.random,ssl-simclr,ssl-dino,lite0.imagenet-96,classifier",
+        help="bag folders of the synthetic part, in the order they are made",
+    )
     parser.add_argument("--summary-only", action="store_true", help="rewrite OUT/summary.md from what is there")
     args = parser.parse_args()
     if args.summary_only:
