@@ -174,7 +174,7 @@ def main_experiment(args: argparse.Namespace) -> None:
                "--seeds", "1", "--out", str(synth / "compare" / name)],
               done=synth / "compare" / name / "summary.md")  # fmt: skip
     t.run("synth probe", ["probe", "--bags", *map(str, sfolders), "--patients", str(patients), "--out",
-                          str(synth / "probe")])  # fmt: skip
+                          str(synth / "probe")], done=synth / "probe" / "probe.json")  # fmt: skip
     summary(out)
 
 
