@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("mil.predict.command", "apply the heads a comparison saved to new patients (ensemble by default)"),
     "heads": ("mil.heads.command", "list the registered diagnosis heads"),
     "train-classifier": ("mil.classifier.command_train", "train the cell-type classifier on a cell table"),
+    "pretrain": ("mil.pretrain.command", "self-supervised pretraining (DINO, SimCLR) of a cell encoder"),
+    "probe": ("mil.probe.command", "kNN and linear probes: how good each encoder is for cells and patients"),
     "classify": ("mil.classifier.command_classify", "write predicted labels and probabilities into a cell table"),
     "train-detector": ("mil.detector.command_train", "train the Faster R-CNN cell detector"),
     "detect": ("mil.detector.command_detect", "detect cells on images and write a cell table"),

@@ -16,6 +16,7 @@ import torch
 from features.encoders.classifier import load_classifier_checkpoint, save_classifier_checkpoint
 from features.encoders.dinobloom import VARIANTS, build_vit, dinobloom_state_dict
 from features.encoders.morphology import EMBED_DIM, FEATURE_NAMES
+from features.encoders.ssl import save_ssl_encoder
 from features.preprocess import batch_transform, crop_transform
 from features.registry import EncoderConfig, create_encoder, get_entry, list_encoders, register_encoder
 from mil.errors import ConfigError, InputError
@@ -103,6 +104,13 @@ def concrete(entry_name: str, tmp_path) -> tuple[str, str | None, int | None]:
             std=(0.2, 0.25, 0.3),
             class_names=["myeloblast", "lymphocyte", "erythrocyte"],
         )
+        return entry_name, str(path), None
+    if entry_name == "ssl.file":  # what `mil pretrain` writes: a backbone and the run's record
+        torch.manual_seed(9)
+        path = tmp_path / "encoder.safetensors"
+        record = {"method": "dino", "fingerprint": "f" * 64, "run_dir": str(tmp_path / "run")}
+        save_ssl_encoder(path, model=timm.create_model("resnet18", num_classes=0), arch="resnet18", input_size=SMALL,
+                         mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), pretrain=record)  # fmt: skip
         return entry_name, str(path), None
     if entry_name.startswith("dinobloom_"):
         variant = entry_name[len("dinobloom_")]
@@ -202,7 +210,7 @@ def test_unknown_name_lists_valid_ones():
 
 
 def test_entries_that_need_weights_say_so():
-    for name in ("resnet18.file", "classifier.file", "dinobloom_s.v1"):
+    for name in ("resnet18.file", "classifier.file", "dinobloom_s.v1", "ssl.file"):
         with pytest.raises(ConfigError, match="--weights PATH"):
             create_encoder(name)
 

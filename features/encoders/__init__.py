@@ -4,6 +4,6 @@ Entry modules import only torch/timm at module level; optional packages (the Eff
 weights, safetensors, huggingface_hub) are imported inside the builders that need them.
 """
 
-from features.encoders import classifier, dinobloom, efficientnet_lite0, morphology, timm_encoders
+from features.encoders import classifier, dinobloom, efficientnet_lite0, morphology, ssl, timm_encoders
 
-__all__ = ["classifier", "dinobloom", "efficientnet_lite0", "morphology", "timm_encoders"]
+__all__ = ["classifier", "dinobloom", "efficientnet_lite0", "morphology", "ssl", "timm_encoders"]
