@@ -196,3 +196,14 @@ def test_two_cpu_processes_pretrain_one_encoder(method, cells_csv, tmp_path):
     results = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
     assert len(results) == 2 and results[0] == results[1], results
     assert create_encoder("ssl.file", weights=str(tmp_path / "out" / "encoder.safetensors")).config.embed_dim == 96
+
+
+def test_pretrain_takes_wandb_like_the_other_training_commands():
+    from mil.errors import ConfigError
+    from mil.pretrain.config import PretrainConfig
+    from mil.runs import weight_settings
+
+    assert PretrainConfig(wandb="offline").wandb == "offline"
+    assert "wandb" not in weight_settings(PretrainConfig(wandb="offline"))  # logging never changes the weights
+    with pytest.raises(ConfigError, match="wandb 'bogus' is unknown"):
+        PretrainConfig(wandb="bogus")

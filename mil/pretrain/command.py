@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mil.tracking import WANDB_MODES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mil.pretrain.config import METHODS, PretrainConfig
@@ -28,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, default=d.devices, help="devices (processes, DDP when more than 1)")
     parser.add_argument("--accelerator", default=d.accelerator, help="cpu, gpu or auto (Lightning)")
     parser.add_argument("--num-workers", type=int, default=d.num_workers, help="data-loader workers")
+    parser.add_argument(
+        "--wandb", default=d.wandb, choices=list(WANDB_MODES), help="log the run to wandb (offline needs no account)"
+    )
     parser.add_argument(
         "--no-resume", action="store_true", help="train from scratch even when --out holds the same run (out/run/)"
     )
@@ -56,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         devices=args.devices,
         accelerator=args.accelerator,
         num_workers=args.num_workers,
+        wandb=args.wandb,
         resume=not args.no_resume,
     )
     result = pretrain(read_cell_table(args.cells), out_dir=args.out, config=config)

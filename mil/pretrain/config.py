@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mil.errors import ConfigError, refuse_unknown_keys
+from mil.tracking import WANDB_MODES
 
 METHODS = ("dino", "simclr")
 
@@ -41,6 +42,7 @@ class PretrainConfig:
     accelerator: str = "cpu"
     devices: int = 1
     num_workers: int = 0
+    wandb: str = "disabled"  # 'offline' | 'online' | 'disabled' (mil.tracking; never fingerprinted)
     verbose: bool = True  # one line per epoch (mil.progress.EpochLine)
     resume: bool = True  # reuse a finished run / continue from out/run/checkpoints/last.ckpt of the same run
 
@@ -57,6 +59,8 @@ class PretrainConfig:
             raise ConfigError(f"local_views {self.local_views} must be 0 or more")
         if self.max_epochs < 1:
             raise ConfigError(f"max_epochs {self.max_epochs} must be at least 1")
+        if self.wandb not in WANDB_MODES:
+            raise ConfigError(f"wandb {self.wandb!r} is unknown; choose one of {list(WANDB_MODES)}")
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainConfig:

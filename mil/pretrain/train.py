@@ -22,6 +22,7 @@ from mil.cell_table import CellTable
 from mil.errors import InputError
 from mil.pretrain.config import PretrainConfig
 from mil.runs import CHECKPOINT_DIR, FINISHED_FILE, load_checkpoint, prepare_run_dir, run_digest, weight_settings
+from mil.tracking import wandb_logger
 
 RUN_DIR = "run"
 ENCODER_FILE = "encoder.safetensors"
@@ -167,7 +168,7 @@ def _fit(module, config: PretrainConfig, *, crops, norm, run_dir: Path, resume_f
             max_steps=config.max_steps,
             accelerator=config.accelerator,
             devices=config.devices,
-            logger=False,
+            logger=wandb_logger(config.wandb, run_dir, name=f"pretrain-{config.method}") or False,
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
