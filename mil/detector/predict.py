@@ -16,6 +16,7 @@ from mil.detector.tiling import Detections, detect_tiled
 from mil.errors import InputError
 from mil.images import load_rgb
 
+TTA_FUSE_IOU = 0.55  # weighted box fusion's overlap for one cell seen in several views (its authors' default)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -30,11 +31,16 @@ class CellDetector:
     device: str = "cpu"
 
     @classmethod
-    def load(cls, checkpoint: str | Path, *, nms_iou: float | None = None, **kwargs) -> CellDetector:
+    def load(
+        cls, checkpoint: str | Path, *, nms_iou: float | None = None, tta: bool | None = None, **kwargs
+    ) -> CellDetector:
+        """The detector of a checkpoint; `nms_iou` and `tta` override the checkpoint's inference settings."""
         model, config = load_detector(checkpoint)
         detector = cls(model=model, config=config, **kwargs)
         if nms_iou is not None:
             detector.set_nms_iou(nms_iou)
+        if tta is not None:
+            detector.config.tta = bool(tta)
         return detector
 
     def set_nms_iou(self, iou: float) -> None:
@@ -51,8 +57,19 @@ class CellDetector:
     def predict_tile(self, tile: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One network pass on an already scaled tile (h, w, 3) uint8 -> boxes in tile pixels."""
         self.model.to(self.device).eval()
-        out = self.model([to_tensor(tile).to(self.device)])[0]
-        return out["boxes"].cpu().numpy(), out["scores"].cpu().numpy(), out["labels"].cpu().numpy()
+        if not self.config.tta:
+            out = self.model([to_tensor(tile).to(self.device)])[0]
+            return out["boxes"].cpu().numpy(), out["scores"].cpu().numpy(), out["labels"].cpu().numpy()
+        from mil.detector.tta import VIEWS, fuse, unview, view
+
+        outs = self.model([to_tensor(view(tile, name)).to(self.device) for name in VIEWS])
+        h, w = tile.shape[:2]
+        boxes = np.concatenate([unview(o["boxes"].cpu().numpy(), name, w, h) for o, name in zip(outs, VIEWS)])
+        scores = np.concatenate([o["scores"].cpu().numpy() for o in outs])
+        labels = np.concatenate([o["labels"].cpu().numpy() for o in outs])
+        boxes, scores, labels = fuse(boxes, scores, labels, n_views=len(VIEWS), iou=TTA_FUSE_IOU)
+        keep = slice(0, self.config.detections_per_image)
+        return boxes[keep], scores[keep], labels[keep]
 
     def detect(self, image: np.ndarray) -> Detections:
         """Cells of an RGB uint8 image, boxes in the image's own pixels."""

@@ -232,7 +232,8 @@ def _validate(model: torch.nn.Module, config: DetectorConfig, cells: CellTable, 
 
     model.eval()
     images = sorted({(r["image_path"], r["patient_id"]) for r in cells.rows})
-    detector = CellDetector(model=model, config=config, tile_size=4096, overlap=128, device=device)
+    # No test-time augmentation here: this AP picks the kept epoch, and the flipped views would triple its cost.
+    detector = CellDetector(model=model, config=replace(config, tta=False), tile_size=4096, overlap=128, device=device)
     return float(evaluate_table(detect_images(images, detector=detector), cells, config.classes)["map_50"])
 
 
@@ -261,7 +262,8 @@ class _EpochLoop:
 
 def _fingerprint(config: DetectorConfig, tc: DetectorTrainConfig, samples: list, model: torch.nn.Module) -> str:
     """sha256 of what decides the trained weights: both configs, every image's bytes and boxes, initial weights."""
-    digest = run_digest({"config": asdict(config), "train": weight_settings(tc)}, model)
+    architecture = {k: v for k, v in asdict(config).items() if k != "tta"}  # inference only: same weights either way
+    digest = run_digest({"config": architecture, "train": weight_settings(tc)}, model)
     for sample in samples:
         digest.update(json.dumps([sample.image_path, sample.patient_id]).encode())
         try:
