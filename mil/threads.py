@@ -18,6 +18,7 @@ import os
 import time
 
 _chosen: int | None = None
+_lent = 0  # threads handed to a side process (mil.pipeline.beside) until it ends
 
 
 def available_cores() -> int:
@@ -94,12 +95,34 @@ def apply(requested: int | None = None) -> int:
 
 
 def chosen() -> int:
-    """The count set by `apply`, else torch's current count."""
+    """The count set by `apply` (less the threads lent to a side process), else torch's current count."""
     if _chosen is not None:
-        return _chosen
+        return max(1, _chosen - _lent)
     import torch
 
     return torch.get_num_threads()
+
+
+def lend(n: int) -> int:
+    """Hand `n` of this process's threads to a side process: torch here keeps the rest (at least 1), and
+    `loader_workers` counts the lent ones as busy. Returns the threads kept; `give_back` undoes it."""
+    global _lent
+    import torch
+
+    _lent = 0
+    total = chosen()
+    _lent = max(0, min(int(n), total - 1))
+    torch.set_num_threads(max(1, total - _lent))
+    return max(1, total - _lent)
+
+
+def give_back() -> None:
+    """The side process ended: torch here uses every chosen thread again."""
+    global _lent
+    import torch
+
+    _lent = 0
+    torch.set_num_threads(chosen())
 
 
 def loader_workers(requested: int | None = None) -> int:
@@ -107,5 +130,5 @@ def loader_workers(requested: int | None = None) -> int:
     chosen, else one worker per spare core beyond the torch threads, at most 4."""
     if requested is not None and requested >= 0:
         return requested
-    spare = available_cores() - chosen()
+    spare = available_cores() - chosen() - _lent
     return max(0, min(4, spare))

@@ -68,8 +68,12 @@ def tiny_run(tmp_path_factory):
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     before = _contention()
+    # Two threads, as on an idle 2-core machine: the detector (mode evaluate) runs in a second process beside the
+    # later stages (mil.pipeline.beside); test_demo.py's tiny run keeps one thread and so the plain order.
     code, lines = run_timestamped(
-        [sys.executable, "-m", "mil.cli", "run", str(config), "--out", str(root / "out")], _env(), echo=False
+        [sys.executable, "-m", "mil.cli", "run", str(config), "--out", str(root / "out"), "--threads", "2"],
+        _env(),
+        echo=False,
     )
     after = _contention()
     return {"root": root, "config": config, "code": code, "lines": lines, "contention": max(before, after)}
@@ -90,6 +94,49 @@ def test_tiny_pipeline_runs_every_stage_and_is_never_silent_for_long(tiny_run):
     summary = json.loads((tiny_run["root"] / "out" / "pipeline_summary.json").read_text())
     assert set(summary["cpu_seconds"]) >= {"cells", "detect", "classify", "extract", "compare", "attention", "total"}
     assert summary["cpu_seconds"]["total"] > 0
+
+
+def test_detector_ran_beside_the_later_stages_and_was_recorded(tiny_run):
+    assert tiny_run["code"] == 0
+    lines = [line for _, line in tiny_run["lines"]]
+    text = "\n".join(lines)
+    assert "detect: runs in a second process with 1 thread(s) beside the next stages (which keep 1)" in text
+    side = [line for line in lines if line.startswith("[detect] ")]
+    assert any(line.startswith("[detect] AP@0.5 on ") for line in side), text[-3000:]
+    # its lines arrive while the main line works: some come after the classifier's header
+    assert lines.index("== cell classifier ==") < lines.index(side[-1])
+    out = tiny_run["root"] / "out"
+    log = (out / "pipeline" / "detect.log").read_text()
+    assert "AP@0.5 on " in log and not log.startswith("[detect]")
+    record = json.loads((out / "pipeline" / "detect.json").read_text())
+    assert "detector_ap50" in record["figures"] and record["files"]
+    summary = json.loads((out / "pipeline_summary.json").read_text())
+    assert summary["seconds"]["detect"] > 0 and summary["cpu_seconds"]["detect"] > 0
+    table = (out / "pipeline_summary.md").read_text().split("| stage | seconds |")[1]
+    assert table.index("| detect |") < table.index("| classify |")  # pipeline order, not the order they ended in
+    assert "detector_ap50" in summary["figures"]
+
+
+def test_a_failed_side_stage_fails_the_run_and_a_rerun_runs_only_it(tmp_path, capsys):
+    spec = {k: v for k, v in TINY.items() if k != "attention"}
+    spec["compare"] = {**TINY["compare"], "heads": ["count.logreg"]}
+    spec["detect"] = {**TINY["detect"], "backbone": "no_such_backbone_fpn"}  # refused inside the side process
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--out", str(out), "--threads", "2"]) == 2
+    captured = capsys.readouterr()
+    assert "[detect] error: " in captured.err and "no_such_backbone_fpn" in captured.err
+    assert f"failed (exit code 2); its output is above, each line starting with [detect], and in {out}" in captured.err
+    for stage in ("cells", "classify", "extract", "compare"):  # the main line finished and is recorded
+        assert (out / "pipeline" / f"{stage}.json").exists()
+    assert not (out / "pipeline" / "detect.json").exists()
+    spec["detect"]["backbone"] = TINY["detect"]["backbone"]
+    config.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(config), "--out", str(out), "--threads", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert _cached(printed) == "cells, classify, extract, compare"  # nothing reads an evaluating detector
+    assert "AP@0.5 on " in printed and "runs in a second process" not in printed  # nothing left to overlap
 
 
 def test_rerun_reuses_every_stage_and_a_change_reruns_only_what_follows(tiny_run, capsys):

@@ -22,8 +22,12 @@ TOP_KEYS = ("out", "seed", *STAGES)
 # Reader options of `mil cells` (flag --patients-csv -> key patients_csv), shared by `cells` and `predict`.
 READER_KEYS = ("format", "input", "label_map", "patients_csv", "patient_from", "voc_origin", "clinical",
                "roi_padding", "max_roi_size", "check_images")  # fmt: skip
+# beside (mode evaluate, default true): the detector trains and is scored in a second process while the later
+# stages go on with the annotated cells (mil.pipeline.beside), when the run has 2 or more threads.
 DETECT_OWN = ("skip", "mode", "checkpoint", "train_fraction", "ignore_labels", "min_score",
-              "classical_fields_per_patient")  # fmt: skip
+              "classical_fields_per_patient", "beside")  # fmt: skip
+# Keys that change how a stage runs, not what it computes: left out of the stage's digest (its cache key).
+NOT_DIGESTED = {"detect": ("beside",)}
 DETECT_TRAIN = ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "augment", "max_steps", "device")
 DETECT_MODES = ("evaluate", "apply")
 CLASSIFY_OWN = ("skip", "mode", "method")
@@ -177,6 +181,8 @@ def _check_values(sections: dict[str, dict | None], where: str) -> list[str]:
             problems.append(f"{where}: detect.mode {mode!r} is not one of {list(DETECT_MODES)}")
         if mode == "evaluate" and detect.get("checkpoint"):
             problems.append(f"{where}: detect.checkpoint is for mode apply; mode evaluate trains its own detector")
+        if not isinstance(detect.get("beside", True), bool):
+            problems.append(f"{where}: detect.beside must be true or false")
         if not 0 < float(detect.get("train_fraction", 0.3)) < 1:
             problems.append(f"{where}: detect.train_fraction must lie in (0, 1)")
     classify = sections["classify"]

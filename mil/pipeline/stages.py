@@ -181,6 +181,14 @@ def stage_detect(ctx: Context) -> StageResult:
     return StageResult(figures=figures, artifacts={"cells_csv": detected_csv}, files=[detected_csv])
 
 
+def runs_beside(stage: str, config: PipelineConfig) -> bool:
+    """Whether `stage` may run in a second process beside the later stages (mil.pipeline.beside): the detector in
+    mode evaluate hands nothing on (the later stages read the annotated cells), unless its section says
+    `beside: false`."""
+    section = config.section(stage) or {}
+    return stage == "detect" and section.get("mode", "evaluate") == "evaluate" and section.get("beside", True)
+
+
 def _first_fields(images: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:
     kept, seen = [], {}
     for path, patient in images:  # sorted by path: a patient's fields in their order
