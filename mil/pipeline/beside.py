@@ -26,6 +26,7 @@ from pathlib import Path
 from mil import threads
 from mil.atomic import atomic_write_text
 from mil.errors import MilError
+from mil.progress import _OPEN_BARS
 
 
 class SideStageError(MilError):
@@ -49,8 +50,13 @@ def _pump(stream, sink, prefix: str, log, lock: threading.Lock) -> None:
             log.write(text + "\n")
             log.flush()
             try:
-                sink.write(f"{prefix}{text}\n")
-                sink.flush()
+                if _OPEN_BARS[0]:  # a progress bar of the main line is on the terminal: print above it
+                    from tqdm import tqdm
+
+                    tqdm.write(f"{prefix}{text}", file=sink)
+                else:
+                    sink.write(f"{prefix}{text}\n")
+                    sink.flush()
             except (OSError, ValueError):  # our output closed (a pipe reader quit): keep the log going
                 pass
     stream.close()
