@@ -139,6 +139,59 @@ def test_a_failed_side_stage_fails_the_run_and_a_rerun_runs_only_it(tmp_path, ca
     assert "AP@0.5 on " in printed and "runs in a second process" not in printed  # nothing left to overlap
 
 
+def _pids_running(needle: str) -> list[int]:
+    """Processes whose command line contains `needle` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_the_side_process_dies_with_a_killed_run(tmp_path):
+    import signal
+    import subprocess
+
+    from limits import HANG_GUARD_S
+
+    spec = {**TINY, "detect": {**TINY["detect"], "epochs": 500, "max_steps": -1}}  # would train for a long time
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    job = str(out / "pipeline" / "detect.job.json")
+    # No progress lines: a side process that prints nothing would not die of a broken pipe after the kill, only of
+    # the parent-death signal the run asks the kernel for.
+    run = subprocess.Popen(
+        [sys.executable, "-m", "mil.cli", "run", str(config), "--out", str(out), "--threads", "2"],
+        env={**_env(), "MIL_PROGRESS": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for line in run.stdout:  # until the side process starts (waits as long as the run lives)
+            if line.startswith("detect: runs in a second process"):
+                break
+        while run.poll() is None and not (out / "detector" / "run").exists():  # until it trains
+            time.sleep(0.2)
+        assert _pids_running(job), "the side process was not found"
+        run.send_signal(signal.SIGKILL)  # no clean-up in the run itself: only the kernel's signal can stop the side
+        run.wait(timeout=HANG_GUARD_S)
+        start = time.monotonic()
+        while _pids_running(job) and time.monotonic() - start < HANG_GUARD_S:
+            time.sleep(0.5)
+        assert not _pids_running(job)
+    finally:
+        run.kill()
+        for pid in _pids_running(job):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_rerun_reuses_every_stage_and_a_change_reruns_only_what_follows(tiny_run, capsys):
     assert tiny_run["code"] == 0
     out = tiny_run["root"] / "out"

@@ -33,13 +33,20 @@ class SideStageError(MilError):
     """The stage that ran beside the others failed; its output is in the log the message names."""
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _parent_death_signal():
+    """A function for Popen's preexec_fn that asks Linux to send the child SIGTERM when this process dies
+    (PR_SET_PDEATHSIG), or None off Linux (the run's own clean-up stops the child there). libc is looked up here,
+    in the parent: between fork and exec the child must not import or load anything (other threads may hold the
+    locks that needs)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the run's own cleanup stops it
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _pump(stream, sink, prefix: str, log, lock: threading.Lock) -> None:
@@ -111,7 +118,7 @@ class SideStage:
             text=True,
             bufsize=1,
             env=env,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_parent_death_signal(),
         )
         side = cls(
             stage=stage,
