@@ -129,3 +129,30 @@ def test_promise9_a_sigterm_stopped_demo_exits_143(tmp_path):
     assert "stopped by SIGTERM" in done.stderr
     assert not (out / "pipeline_summary.md").exists()
     assert _temp_files(out) == []
+
+
+def _thread_error(exc: BaseException, filename: str):
+    """The `threading.excepthook` argument of `exc` raised by code of `filename`."""
+    import threading
+
+    try:
+        exec(compile("raise exc", filename, "exec"), {"exc": exc})
+    except BaseException as e:  # noqa: BLE001 - any exception, as a thread would raise it
+        return threading.ExceptHookArgs((type(e), e, e.__traceback__, None))
+    raise AssertionError("nothing was raised")
+
+
+def test_loader_worker_drops_only_the_fd_sharer_errors_of_a_stopped_hand_over():
+    import os
+
+    from features.cropping import _quiet_when_the_receiver_left
+
+    seen = []
+    hook = _quiet_when_the_receiver_left(seen.append)
+    sharer = os.path.join("lib", "python3.11", "multiprocessing", "resource_sharer.py")
+    hook(_thread_error(ConnectionResetError("peer gone"), sharer))  # the main process stopped mid hand-over
+    hook(_thread_error(EOFError(), sharer))
+    assert seen == []
+    hook(_thread_error(ValueError("a bug"), sharer))  # not a broken connection: shown
+    hook(_thread_error(ConnectionResetError("elsewhere"), os.path.join("mil", "other.py")))  # another thread: shown
+    assert [type(a.exc_value) for a in seen] == [ValueError, ConnectionResetError]
