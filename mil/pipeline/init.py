@@ -34,6 +34,9 @@ detect:                     # Faster R-CNN on the cell table's boxes (as `mil tr
                             # annotated cells go on); apply: detect every image, those cells go on
   checkpoint: null          # apply only: detector.pt of `mil train-detector` (null: train one on all boxes)
   train_fraction: 0.3
+  beside: true              # evaluate, 2+ threads: train and score in a second process while the later stages
+                            # go on (they read the annotated cells, not the detector's); false: first, alone
+  tta: true                 # detect on the field and its mirror images, fused (2-3x detection time, a bit more AP)
   backbone: efficientnet_lite0_fpn
   init: imagenet            # offline EfficientNet-Lite0 ImageNet weights
   pixel_scale: 1.0          # resize fields before the network (0.5-0.75 is about 2-4x faster on a CPU)

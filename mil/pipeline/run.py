@@ -1,7 +1,9 @@
 """Run a pipeline file: the plan line, each stage (or its cached record), seconds per stage, the closing tables.
 
 `mil run FILE` and `mil demo` both call `run_pipeline`, so the demo is exactly configs/demo.yaml run as any
-other pipeline file.
+other pipeline file. A stage whose output no later stage reads (the detector in mode evaluate) runs in a second
+process beside the others when the run has 2 or more threads (mil.pipeline.beside); its record is written when it
+ends, and the run waits for it before the closing tables.
 """
 
 from __future__ import annotations
