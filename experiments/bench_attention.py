@@ -17,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from mil.attention import figures  # noqa: E402
 from mil.cli import main as mil  # noqa: E402
 
 
@@ -64,35 +65,38 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=50)
     parser.add_argument("--cells", type=int, default=300, help="nucleated cells per patient")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--png-levels",
+        type=int,
+        nargs="+",
+        default=[figures.PNG_LEVEL],
+        help="zlib levels of the report's PNGs to compare, interleaved run by run; the first is the baseline of "
+        "the ratio column (e.g. 1 6: the default against Pillow's)",
+    )
     args = parser.parse_args()
     cells_csv = build(args.out, args.patients, args.cells)
-    times = []
+    times: dict[int, list[float]] = {level: [] for level in args.png_levels}
+    sizes: dict[int, int] = {}
     for k in range(args.repeats):
-        start = time.perf_counter()
-        assert (
-            mil(
-                [
-                    "attention",
-                    "--results",
-                    str(args.out / "results"),
-                    "--head",
-                    "abmil",
-                    "--cells",
-                    str(cells_csv),
-                    "--out",
-                    str(args.out / f"report_{k}"),
-                ]
-            )
-            == 0
+        for level in args.png_levels:
+            figures.PNG_LEVEL = level
+            report = args.out / f"report_{k}_png{level}"
+            start = time.perf_counter()
+            command = ["attention", "--results", str(args.out / "results"), "--head", "abmil"]
+            assert mil([*command, "--cells", str(cells_csv), "--out", str(report)]) == 0
+            times[level].append(time.perf_counter() - start)
+            sizes[level] = sum(p.stat().st_size for p in report.rglob("*.png"))
+    base = statistics.median(times[args.png_levels[0]])
+    print(f"\n| report | patients | cells per patient | PNG level | seconds (median of {args.repeats}) | ratio | runs "
+          "| PNG MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for level, ts in times.items():
+        runs = ", ".join(f"{t:.1f}" for t in ts)
+        print(
+            f"| mil attention (abmil, galleries, overlays, deletion curves) | {args.patients} | {args.cells} | "
+            f"{level} | {statistics.median(ts):.1f} | {statistics.median(ts) / base:.2f}x | {runs} | "
+            f"{sizes[level] / 2**20:.1f} |"
         )
-        times.append(time.perf_counter() - start)
-    print(f"\n| report | patients | cells per patient | seconds (median of {args.repeats}) | runs |")
-    print("|---|---|---|---|---|")
-    runs = ", ".join(f"{t:.1f}" for t in times)
-    print(
-        f"| mil attention (abmil, galleries, overlays, deletion curves) | {args.patients} | {args.cells} | "
-        f"{statistics.median(times):.1f} | {runs} |"
-    )
 
 
 if __name__ == "__main__":

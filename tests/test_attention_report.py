@@ -129,3 +129,15 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert "<script>alert('x')</script>" in browser.find_element("tag name", "h1").text
     finally:
         browser.quit()
+
+
+def test_overlay_colours_are_matplotlibs_inferno():
+    import matplotlib
+
+    from mil.attention.figures import _colour
+
+    inferno = matplotlib.colormaps["inferno"]
+    for value in [*np.random.default_rng(0).random(500).tolist(), 0.0, 1.0]:
+        r, g, b, _ = inferno(value)
+        assert _colour(value * 3.0, 3.0) == (int(r * 255), int(g * 255), int(b * 255))
+    assert _colour(-1.0, 1.0) == _colour(0.0, 1.0) and _colour(5.0, 1.0) == _colour(1.0, 1.0)  # clipped
