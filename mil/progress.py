@@ -59,16 +59,21 @@ def duration(seconds: float) -> str:
 _OPEN_BARS = [0]  # tqdm bars open now: a line printed meanwhile must go through tqdm.write, not across a bar
 
 
-def say(message: str) -> None:
-    """One line on stderr unless progress is off: the plain voice of long stages."""
-    if style() == "off":
-        return
+def echo(message: str, file=None) -> None:
+    """One line on `file` (default stderr), above a progress bar when one is open, whatever the progress style."""
+    file = sys.stderr if file is None else file
     if _OPEN_BARS[0]:
         from tqdm import tqdm
 
-        tqdm.write(message, file=sys.stderr)
+        tqdm.write(message, file=file)
     else:
-        print(message, file=sys.stderr, flush=True)
+        print(message, file=file, flush=True)
+
+
+def say(message: str) -> None:
+    """One line on stderr unless progress is off: the plain voice of long stages."""
+    if style() != "off":
+        echo(message)
 
 
 class Progress:

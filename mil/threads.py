@@ -106,11 +106,12 @@ def chosen() -> int:
 def lend(n: int) -> int:
     """Hand `n` of this process's threads to a side process: torch here keeps the rest (at least 1), and
     `loader_workers` counts the lent ones as busy. Returns the threads kept; `give_back` undoes it."""
-    global _lent
+    global _chosen, _lent
     import torch
 
-    _lent = 0
-    total = chosen()
+    if _chosen is None:  # library use without `apply`: pin today's count, so give_back restores it
+        _chosen = torch.get_num_threads()
+    total = _chosen
     _lent = max(0, min(int(n), total - 1))
     torch.set_num_threads(max(1, total - _lent))
     return max(1, total - _lent)

@@ -70,3 +70,20 @@ def test_only_lock_files_and_empty_folders_are_removed(tmp_path):
     (kept / "models" / "x.pt").write_text("weights")
     cli._remove_if_empty(kept)
     assert (kept / "models" / "x.pt").exists()
+
+
+def test_lending_threads_to_a_side_process_and_giving_them_back(monkeypatch):
+    monkeypatch.setattr(threads, "_chosen", None)  # library use: `apply` never ran
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert threads.lend(2) == 2 and torch.get_num_threads() == 2 and threads.chosen() == 2
+        assert threads.loader_workers() == 0  # 2 threads here + 2 lent: no spare core for workers
+        threads.give_back()
+        assert torch.get_num_threads() == 4 and threads.chosen() == 4
+        assert threads.lend(9) == 1  # never all of them: this process keeps one
+        threads.give_back()
+    finally:
+        threads.give_back()
+        torch.set_num_threads(before)

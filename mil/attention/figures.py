@@ -10,8 +10,8 @@ from PIL import Image
 from mil.atomic import atomic_path
 from mil.images import load_rgb
 
-# zlib level 1, not Pillow's 6: a report writes a few hundred smear pictures, and level 6 took 4x the time for files
-# 9% smaller (82 vs 21 ms a field overlay, docs/benchmarks.md). Lossless either way.
+# zlib level 1, not Pillow's 6: a report writes a few hundred smear pictures, and with level 6 the whole report took
+# 1.6x as long for files 9% smaller (`experiments/bench_attention.py --png-levels 1 6`). Lossless either way.
 PNG_LEVEL = 1
 
 
@@ -66,7 +66,7 @@ _INFERNO: list[tuple[int, int, int]] = []
 
 def _colour(value: float, vmax: float) -> tuple[int, int, int]:
     """The inferno colour of value / vmax (clipped to [0, 1]) as 8-bit RGB, from a 256-entry table built once:
-    `matplotlib.colormaps[name]` copies and re-initialises the map on every lookup (half the report's time)."""
+    `matplotlib.colormaps[name]` copies and re-initialises the map on every lookup (a third of the report's CPU)."""
     if not _INFERNO:
         import matplotlib
 

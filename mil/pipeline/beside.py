@@ -13,6 +13,7 @@ the run writes the stage's record only after the side process finished well, so 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from pathlib import Path
 from mil import threads
 from mil.atomic import atomic_write_text
 from mil.errors import MilError
-from mil.progress import _OPEN_BARS
+from mil.progress import echo
 
 
 class SideStageError(MilError):
@@ -56,16 +57,10 @@ def _pump(stream, sink, prefix: str, log, lock: threading.Lock) -> None:
         with lock:
             log.write(text + "\n")
             log.flush()
-            try:
-                if _OPEN_BARS[0]:  # a progress bar of the main line is on the terminal: print above it
-                    from tqdm import tqdm
-
-                    tqdm.write(f"{prefix}{text}", file=sink)
-                else:
-                    sink.write(f"{prefix}{text}\n")
-                    sink.flush()
-            except (OSError, ValueError):  # our output closed (a pipe reader quit): keep the log going
-                pass
+            # above the main line's progress bar, if one is open; if our output closed (a pipe reader quit), the
+            # log goes on
+            with contextlib.suppress(OSError, ValueError):
+                echo(f"{prefix}{text}", file=sink)
     stream.close()
 
 
@@ -77,7 +72,6 @@ class SideStage:
     proc: subprocess.Popen
     result_path: Path
     log_path: Path
-    threads: int
     artifacts: dict  # what the run had handed on when the stage started (its record keeps them)
     started: float = field(default_factory=time.perf_counter)
     pumps: list[threading.Thread] = field(default_factory=list)
@@ -89,6 +83,7 @@ class SideStage:
         folder.mkdir(parents=True, exist_ok=True)
         job, result_path, log_path = (folder / f"{stage}.{name}" for name in ("job.json", "result.json", "log"))
         result_path.unlink(missing_ok=True)
+        artifacts = {k: str(v) for k, v in artifacts.items()}
         atomic_write_text(
             job,
             json.dumps(
@@ -98,7 +93,7 @@ class SideStage:
                     "raw": config.raw,
                     "out": str(out),
                     "seed": seed,
-                    "artifacts": {k: str(v) for k, v in artifacts.items()},
+                    "artifacts": artifacts,
                     "result": str(result_path),
                 },
                 indent=1,
@@ -120,14 +115,7 @@ class SideStage:
             env=env,
             preexec_fn=_parent_death_signal(),
         )
-        side = cls(
-            stage=stage,
-            proc=proc,
-            result_path=result_path,
-            log_path=log_path,
-            threads=n_threads,
-            artifacts={k: str(v) for k, v in artifacts.items()},
-        )
+        side = cls(stage=stage, proc=proc, result_path=result_path, log_path=log_path, artifacts=artifacts)
         side.log = log_path.open("w")
         lock = threading.Lock()
         prefix = f"[{stage}] "
@@ -171,12 +159,6 @@ class SideStage:
             pump.join(timeout=5)
         if self.log and not self.log.closed:
             self.log.close()
-
-
-def split_threads(total: int) -> tuple[int, int]:
-    """(threads of the main line, threads of the side process) out of `total`; the side gets the smaller half."""
-    side = max(1, total // 2)
-    return max(1, total - side), side
 
 
 def _child(job_path: Path) -> int:

@@ -16,10 +16,18 @@ from pathlib import Path
 
 from mil import threads
 from mil.atomic import atomic_write_text
-from mil.pipeline.beside import SideStage, SideStageError, split_threads
+from mil.pipeline.beside import SideStage, SideStageError
 from mil.pipeline.config import NOT_DIGESTED, STAGES, PipelineConfig
 from mil.pipeline.records import Records, digest, input_fingerprint
-from mil.pipeline.stages import HEADERS, STAGE_FUNCTIONS, Context, StageResult, has_diagnoses, runs_beside
+from mil.pipeline.stages import (
+    HEADERS,
+    STAGE_FUNCTIONS,
+    Context,
+    StageResult,
+    hands_nothing_on,
+    has_diagnoses,
+    runs_beside,
+)
 from mil.progress import duration, say
 
 SUMMARY = "pipeline_summary"
@@ -48,8 +56,7 @@ def reads(config: PipelineConfig, stage: str) -> list[str]:
     (the later stages go on with the annotated cells), so no stage reads it and a change there reruns it alone."""
     planned = config.planned()
     before = planned[: planned.index(stage)]
-    evaluate_only = config.detect is not None and config.detect.get("mode", "evaluate") == "evaluate"
-    return [s for s in DEPENDS[stage] if s in before and not (s == "detect" and evaluate_only)]
+    return [s for s in DEPENDS[stage] if s in before and not hands_nothing_on(s, config)]
 
 
 def _stage_digests(config: PipelineConfig, seed: int) -> dict[str, str]:
@@ -155,11 +162,11 @@ def run_pipeline(config: PipelineConfig, out: Path, *, seed: int | None = None, 
                 and threads.chosen() >= 2
                 and _work_after(stage, config, cached)
             ):
-                keep, lent = split_threads(threads.chosen())
+                lent = threads.chosen() // 2  # the side gets the smaller half
                 side = SideStage.start(
                     stage, config=config, out=out, seed=seed, artifacts=dict(ctx.artifacts), n_threads=lent
                 )
-                threads.lend(lent)
+                keep = threads.lend(lent)
                 print(
                     f"{stage}: runs in a second process with {lent} thread(s) beside the next stages (which keep "
                     f"{keep}); its lines start with [{stage}], its log is {side.log_path}",

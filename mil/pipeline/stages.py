@@ -181,12 +181,17 @@ def stage_detect(ctx: Context) -> StageResult:
     return StageResult(figures=figures, artifacts={"cells_csv": detected_csv}, files=[detected_csv])
 
 
-def runs_beside(stage: str, config: PipelineConfig) -> bool:
-    """Whether `stage` may run in a second process beside the later stages (mil.pipeline.beside): the detector in
-    mode evaluate hands nothing on (the later stages read the annotated cells), unless its section says
-    `beside: false`."""
+def hands_nothing_on(stage: str, config: PipelineConfig) -> bool:
+    """Whether no later stage reads `stage`'s output: the detector in mode evaluate (the later stages go on with
+    the annotated cells; it only measures AP)."""
     section = config.section(stage) or {}
-    return stage == "detect" and section.get("mode", "evaluate") == "evaluate" and section.get("beside", True)
+    return stage == "detect" and section.get("mode", "evaluate") == "evaluate"
+
+
+def runs_beside(stage: str, config: PipelineConfig) -> bool:
+    """Whether `stage` may run in a second process beside the later stages (mil.pipeline.beside): one that hands
+    nothing on, unless its section says `beside: false`."""
+    return hands_nothing_on(stage, config) and (config.section(stage) or {}).get("beside", True)
 
 
 def _first_fields(images: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:
